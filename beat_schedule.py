@@ -1,0 +1,28 @@
+"""Beat entries: the per-bar tick (with ``expires`` so a late tick is dropped) and the EOD task.
+
+The EOD task fires often and acts only inside ``EOD_CLOSE_MINUTES_BEFORE`` of that day's real
+close, so early closes need no special schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.config import Settings
+
+
+def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The beat schedule for these settings (intervals in wall seconds)."""
+    tick = settings.bar_interval_s
+    return {
+        "tick": {
+            "task": "tasks.tick",
+            "schedule": tick,
+            "options": {"expires": max(tick * 2.0, 1.0)},
+        },
+        "eod-close": {
+            "task": "tasks.eod_close",
+            "schedule": max(tick * 2.0, 0.5) if settings.mode == "sim" else 30.0,
+            "options": {"expires": max(tick * 4.0, 2.0) if settings.mode == "sim" else 30.0},
+        },
+    }

@@ -1,0 +1,1 @@
+"""Broker adapters behind one ``Broker`` protocol (simulated now; Alpaca in paper/live)."""

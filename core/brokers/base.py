@@ -1,0 +1,144 @@
+"""The broker role: order and position types and the ``Broker`` protocol.
+
+Quantities are whole shares; prices are Decimal US dollars; money totals are integer cents;
+times are ISO-8601 strings with the America/New_York offset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal
+from typing import Literal, Protocol
+
+Side = Literal["buy", "sell"]
+OrderStatus = Literal["accepted", "filled", "cancelled", "expired", "rejected"]
+TERMINAL: frozenset[str] = frozenset({"filled", "cancelled", "expired", "rejected"})
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """What we ask the broker to do. ``close=True`` closes whatever the position holds."""
+
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: Literal["market", "limit"] = "market"
+    limit_price: str | None = None
+    time_in_force: Literal["day", "ioc"] = "day"
+    intent: Literal["entry", "exit"] = "entry"
+    close: bool = False
+    reason: str = ""
+    strategy: str = ""
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order as the broker knows it."""
+
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: int
+    order_type: str
+    limit_price: str | None
+    time_in_force: str
+    intent: str
+    close: bool
+    reason: str
+    strategy: str
+    confidence: float | None
+    status: OrderStatus
+    session_date: str
+    submitted_at: str
+    fill_after_bar: int = 0
+    filled_qty: int = 0
+    filled_avg_price: str | None = None
+    filled_at: str | None = None
+    fees_cents: int = 0
+    status_reason: str = ""
+    accepted_wall: float = 0.0
+
+    def to_json(self) -> str:
+        """Serialise for storage."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Order:
+        """Parse a stored order."""
+        return cls(**json.loads(raw))
+
+    def with_(self, **changes: object) -> Order:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Position:
+    """An open position. ``qty`` is signed: positive long, negative short."""
+
+    symbol: str
+    qty: int
+    avg_price: str
+    opened_at: str
+    session_date: str
+    entry_client_order_id: str
+    strategy: str = ""
+    confidence: float | None = None
+    entry_fees_cents: int = 0
+    exit_attempt: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def side(self) -> Side:
+        """'buy' for a long position, 'sell' for a short one."""
+        return "buy" if self.qty > 0 else "sell"
+
+    @property
+    def avg(self) -> Decimal:
+        """Average entry price (US dollars)."""
+        return Decimal(self.avg_price)
+
+    def to_json(self) -> str:
+        """Serialise for storage."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Position:
+        """Parse a stored position."""
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class FillEvent:
+    """An order reaching a terminal state (cents, shares)."""
+
+    client_order_id: str
+    symbol: str
+    intent: str
+    status: OrderStatus
+    filled_qty: int
+    notional_cents: int
+    session_date: str
+
+
+class Broker(Protocol):
+    """The broker role shared by the simulated broker and the Alpaca adapter."""
+
+    def submit_order(self, request: OrderRequest) -> Order:
+        """Submit once; a known client_order_id returns the existing order unchanged."""
+        ...
+
+    def get_order_by_client_id(self, client_order_id: str) -> Order | None: ...
+
+    def cancel_order(self, client_order_id: str) -> Order | None: ...
+
+    def list_open_orders(self) -> list[Order]: ...
+
+    def get_positions(self) -> dict[str, Position]: ...
+
+    def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
+        """Close the whole position at market; None when there is nothing to close."""
+        ...

@@ -1,0 +1,213 @@
+"""The ``daytrader`` command line.
+
+``daytrader sim`` starts the real cluster (Redis if none answers, a gpu worker, an exec
+worker, beat, optionally Flower) as processes over a replayed or synthetic run, shows a
+progress line, stops what it started and writes ``summary.json`` and ``trades.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError, TradingError
+
+log = logging.getLogger("daytrader")
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="daytrader", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("sim", help="run the simulated cluster over replayed or synthetic days")
+    src = sim.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, help="folder of bar files (SYMBOL_1min.csv.gz)")
+    src.add_argument("--synthetic", action="store_true", help="generate seeded synthetic days")
+    sim.add_argument("--days", type=int, help="number of sessions to replay (default 1)")
+    sim.add_argument("--speed", type=float,
+                     help="simulated minutes per wall minute (60 = one bar per second)")
+    sim.add_argument("--from", dest="from_", type=_date, help="first session date")
+    sim.add_argument("--to", type=_date, help="last session date")
+    sim.add_argument("--symbols", help="comma-separated symbols (default: all in --data)")
+    sim.add_argument("--synthetic-symbols", type=int, help="universe size of a synthetic run")
+    sim.add_argument("--seed", type=int, help="seed of the synthetic generator")
+    sim.add_argument("--out", type=Path, required=True, help="folder for summary.json etc.")
+    sim.add_argument("--flower", action="store_true", help="also run Flower on 127.0.0.1")
+    sim.add_argument("--stall-timeout", type=float, default=120.0,
+                     help="give up when the replay makes no progress for this many seconds")
+    sim.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _sim_env(args: argparse.Namespace) -> dict[str, str]:
+    env: dict[str, str] = {"TRADING_MODE": "sim"}
+    if args.data is not None:
+        env["TRADING_SIM_DATA"] = str(args.data.resolve())
+    if args.days is not None:
+        env["TRADING_SIM_DAYS"] = str(args.days)
+    if args.speed is not None:
+        env["TRADING_SIM_SPEED"] = repr(args.speed)
+    if args.from_ is not None:
+        env["TRADING_SIM_FROM"] = args.from_.isoformat()
+    if args.to is not None:
+        env["TRADING_SIM_TO"] = args.to.isoformat()
+    if args.symbols:
+        env["TRADING_SIM_SYMBOLS"] = args.symbols
+    if args.synthetic_symbols is not None:
+        env["TRADING_SIM_SYNTHETIC_SYMBOLS"] = str(args.synthetic_symbols)
+    if args.seed is not None:
+        env["TRADING_SIM_SEED"] = str(args.seed)
+    return env
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    """Run a simulated cluster to the end of its days and write the outputs."""
+    from core.cluster import Cluster, ensure_redis
+    from core.config import load_settings
+    from core.report import summarize, write_outputs
+    from core.runtime import build_runtime
+    from core.sim import load_sim_days, prepare_replay
+
+    os.environ.update(_sim_env(args))
+    if args.synthetic:
+        os.environ.pop("TRADING_SIM_DATA", None)
+    settings = load_settings()
+    if settings.sim_data is not None and not args.synthetic:
+        pass
+    days = load_sim_days(settings)
+    url, private = ensure_redis(settings.redis_url)
+    run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    os.environ["TRADING_REDIS_URL"] = url
+    os.environ["TRADING_SIM_RUN_ID"] = run_id
+    settings = load_settings()
+    out: Path = args.out
+    cluster = Cluster(env=dict(os.environ), log_dir=out / "logs")
+    try:
+        _refuse_if_busy(url)
+        rt = build_runtime(settings)
+        prepare_replay(rt, settings, days)
+        print(f"daytrader sim: run {run_id}, {len(days)} day(s), {len(days[0].symbols)} "
+              f"symbols, {settings.sim_speed:g}x, Redis {url}", file=sys.stderr)
+        cluster.start_workers(tag=run_id[-6:])
+        cluster.start_beat()
+        if args.flower:
+            user = settings.flower_user or "admin"
+            password = (settings.flower_password.get_secret_value()
+                        if settings.flower_password else secrets.token_urlsafe(12))
+            cluster.start_flower(settings.flower_port, user, password)
+            print(f"Flower: http://127.0.0.1:{settings.flower_port}  user {user}  "
+                  f"password {password}", file=sys.stderr)
+        ok = _wait(rt, cluster, args.stall_timeout, quiet=args.quiet)
+        cluster.stop("beat")
+        _drain(rt)
+        cluster.stop()
+        summary = summarize(
+            rt.broker.trades(), rt.replay.day_stats(), rt.broker.order_log(),
+            settings.daily_limit_cents,
+            extra={"mode": "sim", "run_id": run_id, "completed": ok,
+                   "source": str(settings.sim_data) if settings.sim_data else "synthetic",
+                   "symbols": len(days[0].symbols), "speed": settings.sim_speed})
+        write_outputs(out, summary, rt.broker.trades())
+        _print_summary(summary, out)
+        return 0 if ok else 1
+    finally:
+        cluster.stop()
+        if private is not None:
+            private.stop()
+
+
+def _refuse_if_busy(url: str) -> None:
+    from celery import Celery
+
+    probe = Celery(broker=url)
+    try:
+        replies = probe.control.ping(timeout=0.5)
+    finally:
+        probe.close()
+    if replies:
+        names = ", ".join(sorted(name for r in replies for name in r))
+        raise ConfigError(f"workers already consume from {url} ({names}); stop them or point "
+                          "TRADING_REDIS_URL at another database")
+
+
+def _wait(rt: Any, cluster: Any, stall_timeout: float, quiet: bool) -> bool:
+    last, last_change = None, time.monotonic()
+    while True:
+        st = rt.replay.state()
+        if st.finished:
+            if not quiet:
+                print(file=sys.stderr)
+            return True
+        key = (st.day, st.bar, st.settled)
+        if key != last:
+            last, last_change = key, time.monotonic()
+        elif time.monotonic() - last_change > stall_timeout:
+            print(f"\nno progress for {stall_timeout:.0f} s at day {st.day} bar {st.bar}; "
+                  f"see {cluster.log_dir}", file=sys.stderr)
+            return False
+        dead = cluster.dead()
+        if dead:
+            print(f"\nprocess exited early: {', '.join(dead)}; see {cluster.log_dir}",
+                  file=sys.stderr)
+            return False
+        if not quiet and st.date is not None:
+            days = rt.replay.days()
+            n = days[st.day].n_bars
+            trades = rt.redis.llen(rt.keys.broker("trades"))
+            open_pos = rt.redis.hlen(rt.keys.broker("positions"))
+            print(f"\r{st.date} day {st.day + 1}/{len(days)}  bar {st.bar + 1:>3}/{n}  "
+                  f"trades {trades}  open {open_pos}   ", end="", file=sys.stderr, flush=True)
+        time.sleep(0.25)
+
+
+def _drain(rt: Any, timeout: float = 10.0) -> None:
+    """Wait briefly for queued tasks (late EOD checks) before stopping the workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(rt.redis.llen(q) for q in ("exec", "gpu")):
+            return
+        time.sleep(0.1)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    keys = ("days", "trades", "net_pnl", "gross_pnl", "fees", "win_rate",
+            "max_daily_used_capital", "daily_limit", "open_positions_at_close",
+            "duplicate_client_order_ids")
+    print("summary:", file=sys.stderr)
+    for k in keys:
+        print(f"  {k:<28} {summary[k]}", file=sys.stderr)
+    print(f"written: {out / 'summary.json'}, {out / 'trades.csv'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``daytrader`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sim":
+            return run_sim(args)
+    except (ConfigError, TradingError) as exc:
+        print(f"daytrader: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

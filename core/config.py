@@ -1,0 +1,182 @@
+"""Settings: one frozen pydantic-settings object read from ``TRADING_*`` variables and ``.env``.
+
+Money settings are US dollars (Decimal), percentages are fractions (0.01 = 1 %), times are
+minutes or seconds as named. ``load_settings`` turns validation errors into a ConfigError
+that names the offending ``TRADING_*`` variable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.errors import ConfigError
+
+ENV_PREFIX = "TRADING_"
+DEFAULT_SYMBOLS = ("AAPL", "MSFT", "AMZN", "TSLA", "JPM", "BAC", "SPY", "QQQ")
+
+Symbols = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every setting of the product. Environment variable = ``TRADING_`` + upper-case name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- mode and infrastructure -------------------------------------------------------
+    mode: Literal["sim", "paper", "live"] = "sim"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    symbols: Symbols = DEFAULT_SYMBOLS
+
+    # --- risk (US dollars and fractions) ------------------------------------------------
+    daily_position_limit: Decimal = Field(Decimal("5000"), gt=0, le=Decimal("100000000"))
+    risk_pct_per_trade: float = Field(0.002, gt=0, le=1)
+    stop_loss_pct: float = Field(0.01, gt=0, lt=1)
+    peak_exit_drop_threshold: float = Field(0.005, gt=0, lt=1)
+    ml_exit_threshold: float = Field(0.7, ge=0, le=1)
+    eod_close_minutes_before: int = Field(10, ge=1, le=120)
+    max_open_positions: int = Field(10, ge=1)
+    entry_collar_pct: float = Field(0.005, gt=0, lt=0.1)
+
+    # --- strategy ----------------------------------------------------------------------
+    orb_minutes: int = Field(15, ge=1, le=120)
+    orb_buffer_pct: float = Field(0.0005, ge=0, lt=0.1)
+    orb_volume_ratio: float = Field(1.0, ge=0)
+    no_entry_minutes_before_close: int = Field(30, ge=0, le=390)
+
+    # --- models ------------------------------------------------------------------------
+    model_dir: Path = Path("models")
+
+    # --- broker and data credentials (paper / live) ----------------------------------------
+    alpaca_api_key: SecretStr | None = None
+    alpaca_secret_key: SecretStr | None = None
+    polygon_api_key: SecretStr | None = None
+
+    # --- simulated mode ------------------------------------------------------------------
+    sim_run_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sim_data: Path | None = None
+    sim_symbols: Annotated[tuple[str, ...] | None, NoDecode] = None
+    sim_from: dt.date | None = None
+    sim_to: dt.date | None = None
+    sim_synthetic_symbols: int = Field(20, ge=1, le=10000)
+    sim_synthetic_start: dt.date = dt.date(2025, 11, 24)
+    sim_days: int = Field(1, ge=1, le=3650)
+    sim_seed: int = 7
+    sim_speed: float = Field(60.0, gt=0, le=100000)
+    sim_slippage_bps: float = Field(2.0, ge=0, le=500)
+    sim_fee_per_share: Decimal = Field(Decimal("0.0035"), ge=0, le=1)
+    sim_fee_min: Decimal = Field(Decimal("0.35"), ge=0, le=100)
+    sim_latency_bars: int = Field(1, ge=1, le=30)
+    sim_starting_cash: Decimal = Field(Decimal("100000"), gt=0)
+    sim_settle_timeout_s: float = Field(30.0, gt=0)
+
+    # --- Celery --------------------------------------------------------------------------
+    tick_seconds: float = Field(60.0, gt=0, le=3600)
+    task_soft_time_limit_s: int = Field(20, ge=1)
+    task_time_limit_s: int = Field(30, ge=2)
+
+    # --- Flower --------------------------------------------------------------------------
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    flower_port: int = Field(5555, ge=1, le=65535)
+
+    @field_validator("symbols", "sim_symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.replace(";", ",").split(",")]
+        if isinstance(value, list | tuple):
+            out = []
+            for item in value:
+                sym = str(item).strip().upper()
+                if not sym:
+                    continue
+                if not sym.replace(".", "").isalnum() or len(sym) > 10:
+                    raise ValueError(f"bad symbol {item!r}")
+                out.append(sym)
+            if not out:
+                raise ValueError("at least one symbol is needed")
+            return tuple(dict.fromkeys(out))
+        return value
+
+    @model_validator(mode="after")
+    def _check_dates(self) -> Settings:
+        if self.sim_from and self.sim_to and self.sim_from > self.sim_to:
+            raise ValueError("TRADING_SIM_FROM is after TRADING_SIM_TO")
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator(
+        "daily_position_limit", "sim_fee_per_share", "sim_fee_min", "sim_starting_cash"
+    )
+    @classmethod
+    def _finite_money(cls, value: Decimal) -> Decimal:
+        if not value.is_finite():
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.task_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError(
+                "TRADING_TASK_TIME_LIMIT_S must be greater than TRADING_TASK_SOFT_TIME_LIMIT_S"
+            )
+        if self.mode != "sim" and (self.alpaca_api_key is None or self.alpaca_secret_key is None):
+            raise ValueError(
+                f"TRADING_MODE={self.mode} needs TRADING_ALPACA_API_KEY and "
+                "TRADING_ALPACA_SECRET_KEY"
+            )
+        return self
+
+    @property
+    def daily_limit_cents(self) -> int:
+        """The daily position-value limit in integer cents."""
+        return int((self.daily_position_limit * 100).to_integral_value())
+
+    @property
+    def bar_interval_s(self) -> float:
+        """Wall seconds between beat ticks: one bar per tick (sim speed applies in sim mode)."""
+        if self.mode == "sim":
+            return 60.0 / self.sim_speed
+        return self.tick_seconds
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item.get("loc", ()) if part != "__root__"]
+        name = ENV_PREFIX + loc[0].upper() if loc else "settings"
+        lines.append(f"{name}: {item.get('msg')}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; raise ConfigError naming each bad ``TRADING_*`` variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

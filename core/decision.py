@@ -1,0 +1,120 @@
+"""Turn a bar's signals and marks into order intents (pure; shared by cluster and backtest).
+
+Exits first, then entries, best confidence first, each sized by the risk manager against
+what is left of today's limit. Times are America/New_York; money in cents.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from core.brokers.base import Position
+from core.exits import exit_reason
+from core.orders import OrderIntent, entry_client_order_id, exit_client_order_id
+from core.risk import RiskLimits, collar_price, position_value_cents, size_position
+from core.signals import Signal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecisionParams:
+    """Timing and risk settings of the decision step (minutes, cents, fractions)."""
+
+    limits: RiskLimits
+    eod_close_minutes_before: int = 10
+    no_entry_minutes_before_close: int = 30
+
+
+@dataclass(frozen=True)
+class DecisionInput:
+    """Everything the decision for one bar needs, read from the world beforehand."""
+
+    session_date: dt.date
+    bar: int
+    decision_time: dt.datetime  # close of the bar (America/New_York)
+    close_time: dt.datetime  # the session's real close (early closes included)
+    signals: list[Signal]
+    marks: dict[str, float]
+    positions: dict[str, Position]
+    open_order_symbols: frozenset[str]
+    entered_today: frozenset[str]  # "SYMBOL:side"
+    used_cents: int
+    halted: bool = False
+    exit_attempts: dict[str, int] = field(default_factory=dict)
+
+
+def in_eod_window(decision_time: dt.datetime, close_time: dt.datetime, minutes: int) -> bool:
+    """True when ``decision_time`` is within ``minutes`` of the session close."""
+    return close_time - decision_time <= dt.timedelta(minutes=minutes)
+
+
+def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
+    """Order intents for this bar: exits, then sized entries."""
+    intents: list[OrderIntent] = []
+    eod = in_eod_window(inp.decision_time, inp.close_time, params.eod_close_minutes_before)
+    date_s = inp.session_date.isoformat()
+    for symbol in sorted(inp.positions):
+        pos = inp.positions[symbol]
+        if symbol in inp.open_order_symbols:
+            continue  # an exit (or entry) is already working for this symbol
+        reason = exit_reason(pos, inp.marks.get(symbol), params.limits.stop_loss_pct, eod, date_s)
+        if reason is None:
+            continue
+        mark = inp.marks.get(symbol)
+        intents.append(OrderIntent(
+            client_order_id=exit_client_order_id(pos.entry_client_order_id,
+                                                 inp.exit_attempts.get(symbol, 0) + 1),
+            symbol=symbol, side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty),
+            intent="exit", reason=reason, strategy=pos.strategy, confidence=pos.confidence,
+            ref_price=repr(mark) if mark else pos.avg_price, session_date=inp.session_date,
+            bar=inp.bar,
+        ))
+    no_entry = in_eod_window(inp.decision_time, inp.close_time,
+                             max(params.no_entry_minutes_before_close,
+                                 params.eod_close_minutes_before))
+    if inp.halted or no_entry:
+        return intents
+    remaining = params.limits.daily_limit_cents - inp.used_cents
+    open_count = len(inp.positions)
+    taken: set[str] = set()
+    for sig in sorted(inp.signals, key=lambda s: (-s.confidence, s.symbol, s.side)):
+        if open_count >= params.limits.max_open_positions or remaining <= 0:
+            break
+        if (sig.symbol in inp.positions or sig.symbol in inp.open_order_symbols
+                or sig.symbol in taken or f"{sig.symbol}:{sig.side}" in inp.entered_today):
+            continue
+        price = Decimal(repr(sig.price))
+        qty = size_position(price, params.limits, remaining)
+        if qty <= 0:
+            log.info("entry skipped: size 0", extra={"symbol": sig.symbol,
+                                                    "remaining_cents": remaining})
+            continue
+        limit = collar_price(price, sig.side, params.limits.entry_collar_pct)
+        intent = OrderIntent(
+            client_order_id=entry_client_order_id(sig.source, sig.symbol, sig.bar_time,
+                                                  sig.side),
+            symbol=sig.symbol, side=sig.side, qty=qty, intent="entry", reason=sig.source,
+            strategy=sig.source, confidence=sig.confidence, ref_price=str(price),
+            limit_price=str(limit), session_date=inp.session_date, bar=inp.bar,
+        )
+        intents.append(intent)
+        remaining -= reservation_cents(intent)
+        open_count += 1
+        taken.add(sig.symbol)
+    return intents
+
+
+def reservation_cents(intent: OrderIntent) -> int:
+    """Capital to reserve for an entry: quantity x the collar's upper price (cents).
+
+    A buy limit caps the fill at the limit. A short sells at or above its limit, so its
+    value is bounded by the mirror of the collar above the reference price instead.
+    """
+    ref = Decimal(intent.ref_price)
+    limit = Decimal(intent.limit_price) if intent.limit_price else ref
+    upper = limit if intent.side == "buy" else ref + (ref - limit)
+    return position_value_cents(intent.qty, max(upper, ref))

@@ -1,0 +1,1 @@
+"""Market data: bar files on disk and a synthetic bar generator."""

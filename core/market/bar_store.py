@@ -1,0 +1,165 @@
+"""The Redis bar store: one session's bars for the whole universe under one key.
+
+Each bar is one row of ``S x 5`` little-endian float64 (open, high, low, close, volume; US
+dollars and shares; NaN where a symbol has no bar), appended to ``bars:<date>``. A reader
+fetches only the bytes it has not seen (one GETRANGE), so a tick costs one round trip
+whatever the length of the window.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from redis import Redis
+
+from core.keys import Keys
+
+_DTYPE = np.dtype("<f8")
+_TTL_S = 4 * 24 * 3600
+
+# Append a row only at its own offset, so a repeated publish of the same bar is a no-op.
+_APPEND_LUA = """
+local len = redis.call('STRLEN', KEYS[1])
+local off = tonumber(ARGV[1])
+if len == off then
+  redis.call('APPEND', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  return off + string.len(ARGV[2])
+end
+return -len
+"""
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    """Shape and times of one session in the store (America/New_York times)."""
+
+    date: dt.date
+    symbols: tuple[str, ...]
+    open_time: dt.datetime
+    close_time: dt.datetime
+    bar_seconds: int
+
+    @property
+    def n_bars(self) -> int:
+        """Bars in the session."""
+        return int((self.close_time - self.open_time).total_seconds()) // self.bar_seconds
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per stored bar row."""
+        return len(self.symbols) * 5 * _DTYPE.itemsize
+
+    def bar_time(self, index: int) -> dt.datetime:
+        """Start of bar ``index``."""
+        return self.open_time + dt.timedelta(seconds=index * self.bar_seconds)
+
+    def to_json(self) -> str:
+        """Serialise for storage."""
+        return json.dumps({
+            "date": self.date.isoformat(), "symbols": list(self.symbols),
+            "open_time": self.open_time.isoformat(), "close_time": self.close_time.isoformat(),
+            "bar_seconds": self.bar_seconds,
+        })
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> SessionMeta:
+        """Parse stored metadata."""
+        d = json.loads(raw)
+        return cls(
+            date=dt.date.fromisoformat(d["date"]), symbols=tuple(d["symbols"]),
+            open_time=dt.datetime.fromisoformat(d["open_time"]),
+            close_time=dt.datetime.fromisoformat(d["close_time"]),
+            bar_seconds=int(d["bar_seconds"]),
+        )
+
+
+def row_to_bytes(row: np.ndarray) -> bytes:
+    """Encode one ``[S, 5]`` bar row for the store."""
+    return np.ascontiguousarray(row, dtype=_DTYPE).tobytes()
+
+
+def rows_from_bytes(raw: bytes, n_symbols: int) -> np.ndarray:
+    """Decode stored rows into ``[n, S, 5]`` float64."""
+    arr = np.frombuffer(raw, dtype=_DTYPE)
+    return arr.reshape(-1, n_symbols, 5)
+
+
+class RedisBarStore:
+    """Session bars in Redis, appended one bar at a time by the feed (or the replay)."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._r = redis
+        self._keys = keys
+        self._append = redis.register_script(_APPEND_LUA)
+        self._meta: dict[dt.date, SessionMeta] = {}
+
+    def start_session(self, meta: SessionMeta) -> None:
+        """Record the session's symbols and times (idempotent)."""
+        self._r.set(self._keys.bars_meta(meta.date), meta.to_json(), ex=_TTL_S)
+        self._meta[meta.date] = meta
+
+    def meta(self, day: dt.date) -> SessionMeta | None:
+        """Metadata of a session, or None if it was never started."""
+        if day in self._meta:
+            return self._meta[day]
+        raw = self._r.get(self._keys.bars_meta(day))
+        if raw is None:
+            return None
+        meta = SessionMeta.from_json(raw)
+        self._meta[day] = meta
+        return meta
+
+    def append(self, day: dt.date, bar: int, row: np.ndarray) -> bool:
+        """Store bar ``bar``; True if written, False if it was already there."""
+        meta = self.meta(day)
+        if meta is None:
+            raise ValueError(f"session {day} not started in the bar store")
+        data = row_to_bytes(row)
+        if len(data) != meta.row_bytes:
+            raise ValueError(f"row has {len(data)} bytes, expected {meta.row_bytes}")
+        res = int(self._append(keys=[self._keys.bars(day)],
+                               args=[bar * meta.row_bytes, data, _TTL_S]))
+        if res < 0 and -res < bar * meta.row_bytes:
+            raise ValueError(f"bar {bar} of {day} published before bar {-res // meta.row_bytes}")
+        return res > 0
+
+    def read(self, day: dt.date, start_bar: int = 0) -> np.ndarray:
+        """Bars from ``start_bar`` to the newest as ``[n, S, 5]`` (one round trip)."""
+        meta = self.meta(day)
+        if meta is None:
+            raise ValueError(f"session {day} not started in the bar store")
+        raw = self._r.getrange(self._keys.bars(day), start_bar * meta.row_bytes, -1)
+        usable = len(raw) - len(raw) % meta.row_bytes
+        return rows_from_bytes(raw[:usable], len(meta.symbols))
+
+
+class BarWindow:
+    """A per-process cache of one session's bars that reads only new rows from the store."""
+
+    def __init__(self, store: RedisBarStore) -> None:
+        self._store = store
+        self._day: dt.date | None = None
+        self._buf = np.empty((0, 0, 5))
+        self._n = 0
+
+    def get(self, day: dt.date, upto_bar: int) -> tuple[SessionMeta, np.ndarray]:
+        """Bars ``0..upto_bar`` of ``day`` as ``[upto_bar + 1, S, 5]`` (a view; do not modify)."""
+        meta = self._store.meta(day)
+        if meta is None:
+            raise ValueError(f"session {day} not started in the bar store")
+        if self._day != day:
+            self._day = day
+            self._buf = np.full((meta.n_bars, len(meta.symbols), 5), np.nan)
+            self._n = 0
+        if self._n <= upto_bar:
+            new = self._store.read(day, self._n)
+            take = min(len(new), meta.n_bars - self._n)
+            self._buf[self._n:self._n + take] = new[:take]
+            self._n += take
+        if self._n <= upto_bar:
+            raise ValueError(f"bar {upto_bar} of {day} is not in the store yet (have {self._n})")
+        return meta, self._buf[: upto_bar + 1]

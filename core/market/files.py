@@ -1,0 +1,454 @@
+"""Read and write per-symbol intraday bar files.
+
+Format: one symbol per file, named ``<SYMBOL>_<N>min.csv.gz`` (gzip) or ``<SYMBOL>_<N>min.csv``
+(plain), header exactly ``timestamp,symbol,open,high,low,close,volume``. ``timestamp`` is the
+bar START as ISO-8601 with its UTC offset (America/New_York, e.g.
+``2019-02-11T09:30:00-05:00``); prices are US dollars, volume is shares. Regular session only;
+missing bars are absent, never filled.
+
+Loading is strict about files (unreadable, wrong header, no usable row, mixed bar sizes ->
+``BarDataError``) and lenient about rows: a bad row is dropped, and each file with problems
+gets ONE warning on this module's logger that counts them by reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import gzip as _gzip
+import io
+import logging
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.calendar import NY, is_session, session_bounds
+from core.errors import BarDataError
+from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME, DayBars
+
+log = logging.getLogger(__name__)
+
+HEADER = ("timestamp", "symbol", "open", "high", "low", "close", "volume")
+_HEADER_LINE = ",".join(HEADER)
+_NAME_RE = re.compile(r"^(?P<symbol>.+)_(?P<minutes>[1-9]\d*)min\.csv(?P<gz>\.gz)?$")
+# An explicit UTC offset (or Z) at the end of an ISO-8601 timestamp.
+_OFFSET_RE = r"(?:[Zz]|[+-]\d{2}:?\d{2})$"
+_NS_PER_S = 1_000_000_000
+_NS_PER_DAY = 86_400 * _NS_PER_S
+_EPOCH = dt.date(1970, 1, 1)
+_EARLIEST = pd.Timestamp("1900-01-01", tz="UTC")
+_LATEST = pd.Timestamp("2200-01-01", tz="UTC")
+# A file whose aligned bars all sit on a coarser grid than its name says is only called a
+# bar-size mismatch when it has at least this many distinct bar slots (thin data is not).
+_MIN_SLOTS_FOR_SPACING_CHECK = 8
+
+# Drop reasons, in the order the rules are applied (a row counts under the first it fails).
+_REASONS = (
+    "malformed_line",
+    "symbol_mismatch",
+    "bad_timestamp",
+    "no_offset",
+    "non_session_date",
+    "outside_session",
+    "misaligned",
+    "bad_price",
+    "bad_ohlc",
+    "bad_volume",
+    "duplicate",
+)
+
+
+@dataclass(frozen=True)
+class _SymbolRows:
+    """Clean rows of one file, sorted by time: NY day number, bar slot, OHLCV values."""
+
+    day: np.ndarray  # int64 days since 1970-01-01 of the New York session date
+    slot: np.ndarray  # int64 bar index from the session open
+    values: np.ndarray  # float64 [n, 5]
+
+
+def bar_seconds_of(path: Path) -> int:
+    """Bar size in seconds from a bar file name like ``AAPL_1min.csv.gz`` (60)."""
+    match = _NAME_RE.match(path.name)
+    if match is None:
+        raise BarDataError(f"{path} is not named like <SYMBOL>_<N>min.csv[.gz]")
+    return int(match["minutes"]) * 60
+
+
+def list_bar_files(data_dir: Path) -> dict[str, Path]:
+    """Map symbol -> bar file in ``data_dir`` (``<SYMBOL>_<N>min.csv[.gz]``), sorted by symbol.
+
+    Other files are ignored. Raises BarDataError when the folder does not exist, holds no bar
+    file, or holds two files for one symbol (e.g. ``_1min`` and ``_5min``, or ``.csv`` and
+    ``.csv.gz``): bar sizes are never mixed silently.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise BarDataError(f"bar data folder {data_dir} does not exist or is not a folder")
+    found: dict[str, list[Path]] = {}
+    for path in data_dir.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match is not None and path.is_file():
+            found.setdefault(match["symbol"], []).append(path)
+    if not found:
+        raise BarDataError(
+            f"bar data folder {data_dir} holds no bar files named <SYMBOL>_<N>min.csv[.gz]"
+        )
+    clashes = {sym: sorted(paths) for sym, paths in found.items() if len(paths) > 1}
+    if clashes:
+        detail = "; ".join(
+            f"{sym}: " + " and ".join(p.name for p in paths)
+            for sym, paths in sorted(clashes.items())
+        )
+        raise BarDataError(
+            f"bar data folder {data_dir} has several files for one symbol ({detail}); "
+            "keep one bar size per symbol"
+        )
+    return {sym: found[sym][0] for sym in sorted(found)}
+
+
+@functools.lru_cache(maxsize=16384)
+def _session_ns(day_number: int) -> tuple[int, int] | None:
+    """(open, close) of the NYSE session on a NY day number as UTC ns, None if no session."""
+    day = _EPOCH + dt.timedelta(days=day_number)
+    try:
+        if not is_session(day):
+            return None
+    except ValueError:  # outside the calendar's range: cannot be confirmed as a session
+        return None
+    open_, close = session_bounds(day)
+    return int(pd.Timestamp(open_).value), int(pd.Timestamp(close).value)
+
+
+def _read_text(path: Path) -> str:
+    """Whole file as text; gzip is recognised by its magic bytes, not by the name."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = _gzip.decompress(raw)
+        return raw.decode("utf-8-sig")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise BarDataError(f"cannot read bar file {path}: {exc}") from exc
+
+
+def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
+    """Parse and clean one bar file; row problems are dropped and logged once per file."""
+    text = _read_text(path)
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != _HEADER_LINE:
+        got = lines[0].strip() if lines else "<empty file>"
+        raise BarDataError(f"bar file {path} has header {got!r}, expected {_HEADER_LINE!r}")
+    n_lines = sum(1 for line in lines[1:] if line.strip())
+    try:
+        df = pd.read_csv(
+            io.StringIO(text),
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            on_bad_lines="skip",
+            skipinitialspace=True,
+        )
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise BarDataError(f"cannot parse bar file {path}: {exc}") from exc
+
+    n = len(df)
+    counts = dict.fromkeys(_REASONS, 0)
+    counts["malformed_line"] = max(n_lines - n, 0)
+    keep = np.ones(n, dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        hit = mask & keep
+        counts[reason] += int(hit.sum())
+        keep[hit] = False
+
+    sym_col = df["symbol"].to_numpy(dtype=object)
+    wrong_symbol = sym_col != symbol
+    if wrong_symbol.any():  # slow path only when needed: tolerate surrounding blanks
+        wrong_symbol = np.strings.strip(sym_col[wrong_symbol].astype(str)) != symbol
+        wrong_symbol = _scatter(n, np.flatnonzero(sym_col != symbol), wrong_symbol)
+    drop(wrong_symbol, "symbol_mismatch")
+
+    ts_text = np.strings.strip(df["timestamp"].to_numpy(dtype=object).astype(str))
+    parsed = pd.Series(pd.to_datetime(ts_text, format="ISO8601", utc=True, errors="coerce"))
+    drop(parsed.isna().to_numpy(dtype=bool), "bad_timestamp")
+    drop(~_has_offset(ts_text), "no_offset")
+
+    with np.errstate(invalid="ignore"):
+        far = (parsed < _EARLIEST) | (parsed > _LATEST)  # beyond any calendar (and ns range)
+    drop(far.to_numpy(dtype=bool), "non_session_date")
+
+    ts_ok = keep.copy()
+    ns = np.zeros(n, dtype=np.int64)
+    day = np.zeros(n, dtype=np.int64)
+    open_ns = np.zeros(n, dtype=np.int64)
+    close_ns = np.zeros(n, dtype=np.int64)
+    in_session_day = np.zeros(n, dtype=bool)
+    if ts_ok.any():
+        good = parsed[ts_ok].dt.as_unit("ns")
+        ns[ts_ok] = good.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").view(np.int64)
+        local = good.dt.tz_convert(NY).dt.tz_localize(None)
+        day[ts_ok] = local.to_numpy(dtype="datetime64[ns]").view(np.int64) // _NS_PER_DAY
+        uniq, inverse = np.unique(day[ts_ok], return_inverse=True)
+        bounds = [_session_ns(int(d)) for d in uniq]
+        is_sess = np.array([b is not None for b in bounds], dtype=bool)
+        opens = np.array([b[0] if b else 0 for b in bounds], dtype=np.int64)
+        closes = np.array([b[1] if b else 0 for b in bounds], dtype=np.int64)
+        in_session_day[ts_ok] = is_sess[inverse]
+        open_ns[ts_ok] = opens[inverse]
+        close_ns[ts_ok] = closes[inverse]
+    drop(~in_session_day, "non_session_date")
+    drop((ns < open_ns) | (ns >= close_ns), "outside_session")
+
+    bar_ns = bar_seconds * _NS_PER_S
+    offset = ns - open_ns
+    misaligned = offset % bar_ns != 0
+    _check_bar_size(path, bar_seconds, offset[keep], misaligned[keep])
+    drop(misaligned, "misaligned")
+
+    values = np.empty((n, 5), dtype=np.float64)
+    for j, name in enumerate(HEADER[2:]):
+        values[:, j] = _to_float(df[name])
+    o, h, lo, c, v = (values[:, j] for j in (OPEN, HIGH, LOW, CLOSE, VOLUME))
+    prices = values[:, :4]
+    with np.errstate(invalid="ignore"):
+        drop(~np.isfinite(prices).all(axis=1) | (prices <= 0).any(axis=1), "bad_price")
+        drop((h < lo) | (o < lo) | (o > h) | (c < lo) | (c > h), "bad_ohlc")
+        drop(~np.isfinite(v) | (v < 0), "bad_volume")
+
+    idx = np.flatnonzero(keep)
+    kept_ns = ns[idx]
+    unsorted = bool((np.diff(kept_ns) < 0).any())
+    if unsorted:
+        idx = idx[np.argsort(kept_ns, kind="stable")]  # stable: the first in the file stays first
+        kept_ns = ns[idx]
+    dup = np.zeros(len(idx), dtype=bool)
+    dup[1:] = kept_ns[1:] == kept_ns[:-1]
+    counts["duplicate"] = int(dup.sum())
+    idx = idx[~dup]
+
+    dropped = {reason: count for reason, count in counts.items() if count}
+    if len(idx) == 0:
+        raise BarDataError(
+            f"bar file {path} has no usable rows ({n_lines} data lines; dropped: "
+            f"{_format_counts(dropped) or 'none'})"
+        )
+    if dropped or unsorted:
+        parts = [f"{path.name}: kept {len(idx)} of {n_lines} rows"]
+        if dropped:
+            parts.append(f"dropped {sum(dropped.values())} ({_format_counts(dropped)})")
+        if unsorted:
+            parts.append("rows were not in time order and were sorted")
+        log.warning(
+            "; ".join(parts),
+            extra={"symbol": symbol, "file": str(path), "dropped": dropped, "sorted": unsorted},
+        )
+    return _SymbolRows(day=day[idx], slot=offset[idx] // bar_ns, values=values[idx])
+
+
+def _scatter(n: int, index: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[index] = flags
+    return out
+
+
+def _has_offset(ts_text: np.ndarray) -> np.ndarray:
+    """True where a timestamp string ends in an explicit UTC offset (regex on the few tails)."""
+    tails, inverse = np.unique(np.strings.slice(ts_text, -6, None), return_inverse=True)
+    ok = np.array([re.search(_OFFSET_RE, str(t)) is not None for t in tails], dtype=bool)
+    return ok[inverse.reshape(-1)]
+
+
+def _to_float(column: pd.Series) -> np.ndarray:
+    """Column of number strings as float64; anything that is not a number becomes NaN."""
+    raw = column.to_numpy(dtype=object)
+    try:
+        return raw.astype(np.float64)  # fast path: every cell is a number
+    except ValueError:
+        return pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}={count}" for reason, count in counts.items())
+
+
+def _check_bar_size(
+    path: Path, bar_seconds: int, offset_ns: np.ndarray, misaligned: np.ndarray
+) -> None:
+    """Raise BarDataError when the in-session timestamps do not fit the bar size in the name.
+
+    Finer data shows as most rows being off the grid; coarser data as every aligned bar sitting
+    on a multiple of k > 1 bars from the open (checked once there are enough distinct slots).
+    """
+    minutes = bar_seconds // 60
+    if len(offset_ns) and 2 * int(misaligned.sum()) > len(offset_ns):
+        raise BarDataError(
+            f"bar file {path} is named {minutes}min but {int(misaligned.sum())} of "
+            f"{len(offset_ns)} in-session timestamps are off the {minutes}-minute grid"
+        )
+    slots = np.unique(offset_ns[~misaligned] // (bar_seconds * _NS_PER_S))
+    slots = slots[slots > 0]
+    if len(slots) >= _MIN_SLOTS_FOR_SPACING_CHECK:
+        step = int(np.gcd.reduce(slots))
+        if step > 1:
+            raise BarDataError(
+                f"bar file {path} is named {minutes}min but its bars are "
+                f"{step * minutes} minutes apart"
+            )
+
+
+def load_days(
+    data_dir: Path,
+    symbols: Sequence[str] | None = None,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+) -> list[DayBars]:
+    """Load bar files into one DayBars per NYSE session date, ascending.
+
+    ``symbols`` keeps the given order (all files, sorted, if None). ``start``/``end`` are
+    inclusive New York session dates. A day is returned when at least one selected symbol has a
+    bar on it; its grid runs from the session open to the calendar close (13:00 ET on early
+    closes) in steps of the files' bar size, NaN where a symbol has no bar. Raises BarDataError
+    for an unknown symbol, mixed bar sizes, or a file that cannot be used at all.
+    """
+    data_dir = Path(data_dir)
+    files = list_bar_files(data_dir)
+    if isinstance(symbols, str):
+        symbols = [symbols]
+    selected = sorted(files) if symbols is None else list(symbols)
+    if not selected:
+        raise BarDataError("no symbols selected")
+    unknown = [s for s in selected if s not in files]
+    if unknown:
+        raise BarDataError(
+            f"no bar file for {', '.join(unknown)} in {data_dir}; available: {', '.join(files)}"
+        )
+    if len(set(selected)) != len(selected):
+        raise BarDataError(f"symbols listed twice: {selected}")
+    if start is not None and end is not None and start > end:
+        raise ValueError(f"start {start} is after end {end}")
+
+    sizes = {s: bar_seconds_of(files[s]) for s in selected}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{files[s].name} ({sizes[s] // 60} min)" for s in selected)
+        raise BarDataError(f"selected bar files have different bar sizes: {detail}")
+    bar_seconds = sizes[selected[0]]
+
+    lo = -(2**62) if start is None else (start - _EPOCH).days
+    hi = 2**62 if end is None else (end - _EPOCH).days
+    per_day: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for s_idx, symbol in enumerate(selected):
+        rows = _read_symbol_file(files[symbol], symbol, bar_seconds)
+        in_range = (rows.day >= lo) & (rows.day <= hi)
+        day, slot, values = rows.day[in_range], rows.slot[in_range], rows.values[in_range]
+        if len(day) == 0:
+            continue
+        uniq, first = np.unique(day, return_index=True)  # rows are sorted by time
+        bounds = [*first[1:].tolist(), len(day)]
+        for d, a, b in zip(uniq.tolist(), first.tolist(), bounds, strict=True):
+            per_day.setdefault(d, []).append((s_idx, slot[a:b], values[a:b]))
+
+    out: list[DayBars] = []
+    n_sym = len(selected)
+    for d in sorted(per_day):
+        date = _EPOCH + dt.timedelta(days=d)
+        open_time, close_time = session_bounds(date)
+        n_bars = int((close_time - open_time).total_seconds()) // bar_seconds
+        ohlcv = np.full((n_bars, n_sym, 5), np.nan)
+        for s_idx, slot, values in per_day[d]:
+            ohlcv[slot, s_idx, :] = values
+        out.append(
+            DayBars(
+                date=date,
+                symbols=tuple(selected),
+                open_time=open_time,
+                close_time=close_time,
+                bar_seconds=bar_seconds,
+                ohlcv=ohlcv,
+            )
+        )
+    return out
+
+
+def write_bar_files(days: Sequence[DayBars], out_dir: Path, gzip: bool = True) -> list[Path]:
+    """Write ``days`` as one bar file per symbol in ``out_dir``; return the paths written.
+
+    Same format that ``load_days`` reads: bar-start timestamps in America/New_York with offset,
+    prices rounded to 4 decimals (US dollars), volume rounded to integer shares. NaN slots are
+    skipped; a symbol with no bar at all gets no file. ``gzip`` picks ``.csv.gz`` over ``.csv``.
+    Existing files of the same name are replaced; a file for the same symbol under another
+    name (bar size or compression) raises BarDataError rather than leaving two.
+    """
+    if not days:
+        return []
+    sizes = {d.bar_seconds for d in days}
+    if len(sizes) > 1:
+        raise ValueError(f"days have different bar sizes {sorted(sizes)}; write them separately")
+    bar_seconds = sizes.pop()
+    if bar_seconds % 60:
+        raise ValueError(f"bar size {bar_seconds} s is not a whole number of minutes")
+    ordered = sorted(days, key=lambda d: d.date)
+    seen: dict[tuple[dt.date, str], int] = {}
+    symbols: dict[str, None] = {}
+    for d in ordered:
+        for sym in d.symbols:
+            if (d.date, sym) in seen:
+                raise ValueError(f"{sym} appears twice on {d.date}")
+            seen[(d.date, sym)] = 1
+            symbols.setdefault(sym, None)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{bar_seconds // 60}min.csv" + (".gz" if gzip else "")
+    existing = {}
+    for path in out_dir.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match is not None:
+            existing.setdefault(match["symbol"], []).append(path)
+
+    chunks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in symbols}
+    for d in ordered:
+        stamps = np.array([d.bar_time(i).astimezone(NY).isoformat() for i in range(d.n_bars)])
+        present = ~np.isnan(d.ohlcv).any(axis=2)  # [T, S]
+        for j, sym in enumerate(d.symbols):
+            rows = present[:, j]
+            if rows.any():
+                chunks[sym].append((stamps[rows], d.ohlcv[rows, j, :]))
+
+    written: list[Path] = []
+    for sym, parts in chunks.items():
+        if not parts:
+            continue
+        path = out_dir / f"{sym}{suffix}"
+        others = [p for p in existing.get(sym, []) if p.name != path.name]
+        if others:
+            raise BarDataError(
+                f"cannot write {path}: {', '.join(p.name for p in others)} already holds {sym}"
+            )
+        values = np.concatenate([v for _, v in parts])
+        frame = pd.DataFrame(
+            {
+                "timestamp": np.concatenate([t for t, _ in parts]),
+                "symbol": sym,
+                "open": np.round(values[:, OPEN], 4),
+                "high": np.round(values[:, HIGH], 4),
+                "low": np.round(values[:, LOW], 4),
+                "close": np.round(values[:, CLOSE], 4),
+                "volume": np.rint(values[:, VOLUME]).astype(np.int64),
+            },
+            columns=list(HEADER),
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        compression = {"method": "gzip", "mtime": 0} if gzip else None
+        frame.to_csv(tmp, index=False, compression=compression, lineterminator="\n")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+__all__ = ["HEADER", "bar_seconds_of", "list_bar_files", "load_days", "write_bar_files"]

@@ -1,0 +1,207 @@
+"""Daily position-value limit stores: the atomic Redis one and an in-memory twin.
+
+Amounts are integer US cents. ``reserve`` is idempotent per ``client_order_id``: a retry of
+the same order never counts twice. A released reservation stays recorded at 0 cents so a
+redelivered order cannot reserve (and trade) again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from redis import Redis
+
+from core.keys import Keys
+
+ReserveStatus = Literal["reserved", "exists", "released", "limit", "invalid"]
+_DAY_TTL_S = 4 * 24 * 3600  # keep a few days for reports, then let Redis drop them
+_MAX_CENTS = 10**15
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Outcome of a reservation attempt (cents)."""
+
+    status: ReserveStatus
+    amount_cents: int
+    used_cents: int
+
+    @property
+    def ok(self) -> bool:
+        """True when the order may go to the broker under this reservation."""
+        return self.status in ("reserved", "exists") and self.amount_cents > 0
+
+
+class DailyLimitStore(Protocol):
+    """Counts position value opened per exchange date against a limit (cents)."""
+
+    def reserve(self, day: dt.date, client_order_id: str, amount_cents: int,
+                limit_cents: int) -> Reservation: ...
+
+    def adjust(self, day: dt.date, client_order_id: str, amount_cents: int) -> int: ...
+
+    def used(self, day: dt.date) -> int: ...
+
+    def peak(self, day: dt.date) -> int: ...
+
+    def reservations(self, day: dt.date) -> dict[str, int]: ...
+
+
+def _valid_amount(amount_cents: object) -> bool:
+    return (
+        isinstance(amount_cents, int)
+        and not isinstance(amount_cents, bool)
+        and 0 < amount_cents <= _MAX_CENTS
+    )
+
+
+_RESERVE_LUA = """
+local amount = ARGV[2]
+if not string.match(amount, '^[1-9][0-9]*$') or string.len(amount) > 15 then
+  return {'invalid', 0, tonumber(redis.call('GET', KEYS[1]) or '0')}
+end
+local a = tonumber(amount)
+local limit = tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local existing = redis.call('HGET', KEYS[3], ARGV[1])
+if existing then
+  local e = tonumber(existing)
+  if e == 0 then return {'released', 0, used} end
+  return {'exists', e, used}
+end
+if used + a > limit then return {'limit', 0, used} end
+local new = redis.call('INCRBY', KEYS[1], a)
+redis.call('HSET', KEYS[3], ARGV[1], a)
+local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+if new > peak then redis.call('SET', KEYS[2], new) end
+local ttl = tonumber(ARGV[4])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+return {'reserved', a, new}
+"""
+
+# Shrink (or release with 0) a reservation; growing is refused. Returns the new used total.
+_ADJUST_LUA = """
+local amount = ARGV[2]
+if not string.match(amount, '^[0-9]+$') or string.len(amount) > 15 then return -1 end
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if not existing then return -2 end
+local e = tonumber(existing)
+local a = tonumber(amount)
+if a > e then return -3 end
+if a < e then
+  redis.call('DECRBY', KEYS[1], e - a)
+  redis.call('HSET', KEYS[2], ARGV[1], a)
+end
+return tonumber(redis.call('GET', KEYS[1]) or '0')
+"""
+
+
+class RedisDailyLimitStore:
+    """``daily_used_capital:<exchange date>`` counted by one Lua script per call."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._r = redis
+        self._keys = keys
+        self._reserve = redis.register_script(_RESERVE_LUA)
+        self._adjust = redis.register_script(_ADJUST_LUA)
+
+    def reserve(self, day: dt.date, client_order_id: str, amount_cents: int,
+                limit_cents: int) -> Reservation:
+        """Reserve ``amount_cents`` of today's limit for one order, atomically."""
+        used_now = self.used(day) if not _valid_amount(amount_cents) else 0
+        if not _valid_amount(amount_cents) or not client_order_id:
+            return Reservation("invalid", 0, used_now)
+        k = self._keys
+        status, amount, used = self._reserve(
+            keys=[k.used_capital(day), k.used_capital_peak(day), k.reservations(day)],
+            args=[client_order_id, str(amount_cents), str(int(limit_cents)), _DAY_TTL_S],
+        )
+        status = status.decode() if isinstance(status, bytes) else status
+        return Reservation(status, int(amount), int(used))
+
+    def adjust(self, day: dt.date, client_order_id: str, amount_cents: int) -> int:
+        """Shrink a reservation to ``amount_cents`` (0 releases it). Returns used cents.
+
+        Raises ValueError for a negative amount, an unknown order or an attempt to grow.
+        """
+        if not isinstance(amount_cents, int) or amount_cents < 0:
+            raise ValueError(f"bad adjust amount {amount_cents!r}")
+        k = self._keys
+        res = int(self._adjust(keys=[k.used_capital(day), k.reservations(day)],
+                               args=[client_order_id, str(amount_cents)]))
+        if res == -2:
+            raise ValueError(f"no reservation for {client_order_id}")
+        if res == -3:
+            raise ValueError(f"cannot grow reservation of {client_order_id}")
+        if res < 0:
+            raise ValueError(f"bad adjust amount {amount_cents!r}")
+        return res
+
+    def used(self, day: dt.date) -> int:
+        """Cents of today's limit in use."""
+        return int(self._r.get(self._keys.used_capital(day)) or 0)
+
+    def peak(self, day: dt.date) -> int:
+        """Highest used value seen on ``day`` (cents)."""
+        return int(self._r.get(self._keys.used_capital_peak(day)) or 0)
+
+    def reservations(self, day: dt.date) -> dict[str, int]:
+        """All reservations of ``day`` by client_order_id (cents; 0 = released)."""
+        raw = self._r.hgetall(self._keys.reservations(day))
+        return {key.decode(): int(val) for key, val in raw.items()}
+
+
+class MemoryDailyLimitStore:
+    """In-process twin of the Redis store, for unit tests and the single-process backtest."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: dict[dt.date, int] = {}
+        self._peak: dict[dt.date, int] = {}
+        self._res: dict[dt.date, dict[str, int]] = {}
+
+    def reserve(self, day: dt.date, client_order_id: str, amount_cents: int,
+                limit_cents: int) -> Reservation:
+        with self._lock:
+            used = self._used.get(day, 0)
+            if not _valid_amount(amount_cents) or not client_order_id:
+                return Reservation("invalid", 0, used)
+            res = self._res.setdefault(day, {})
+            if client_order_id in res:
+                amount = res[client_order_id]
+                return Reservation("exists" if amount else "released", amount, used)
+            if used + amount_cents > limit_cents:
+                return Reservation("limit", 0, used)
+            used += amount_cents
+            self._used[day] = used
+            res[client_order_id] = amount_cents
+            self._peak[day] = max(self._peak.get(day, 0), used)
+            return Reservation("reserved", amount_cents, used)
+
+    def adjust(self, day: dt.date, client_order_id: str, amount_cents: int) -> int:
+        if not isinstance(amount_cents, int) or amount_cents < 0:
+            raise ValueError(f"bad adjust amount {amount_cents!r}")
+        with self._lock:
+            res = self._res.setdefault(day, {})
+            if client_order_id not in res:
+                raise ValueError(f"no reservation for {client_order_id}")
+            existing = res[client_order_id]
+            if amount_cents > existing:
+                raise ValueError(f"cannot grow reservation of {client_order_id}")
+            self._used[day] = self._used.get(day, 0) - (existing - amount_cents)
+            res[client_order_id] = amount_cents
+            return self._used[day]
+
+    def used(self, day: dt.date) -> int:
+        return self._used.get(day, 0)
+
+    def peak(self, day: dt.date) -> int:
+        return self._peak.get(day, 0)
+
+    def reservations(self, day: dt.date) -> dict[str, int]:
+        return dict(self._res.get(day, {}))

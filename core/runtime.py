@@ -1,0 +1,78 @@
+"""Adapters built once per worker process (never at import time) and handed to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+
+from core.brokers.simulated import FillModel, SimulatedBroker
+from core.config import Settings
+from core.decision import DecisionParams
+from core.keys import Keys
+from core.market.bar_store import BarWindow, RedisBarStore
+from core.replay import RedisReplay
+from core.risk import RiskLimits
+from core.risk_store import RedisDailyLimitStore
+from core.signals.orb import OrbParams
+
+
+@dataclass
+class Runtime:
+    """The process's settings and adapters."""
+
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    bar_store: RedisBarStore
+    replay: RedisReplay
+    broker: SimulatedBroker
+    limits: RedisDailyLimitStore
+    window: BarWindow
+
+    @property
+    def decision_params(self) -> DecisionParams:
+        """The decision step's slice of the settings."""
+        s = self.settings
+        return DecisionParams(
+            limits=RiskLimits(
+                daily_limit_cents=s.daily_limit_cents, risk_pct_per_trade=s.risk_pct_per_trade,
+                stop_loss_pct=s.stop_loss_pct, max_open_positions=s.max_open_positions,
+                entry_collar_pct=s.entry_collar_pct),
+            eod_close_minutes_before=s.eod_close_minutes_before,
+            no_entry_minutes_before_close=s.no_entry_minutes_before_close,
+        )
+
+    @property
+    def orb_params(self) -> OrbParams:
+        """The ORB strategy's slice of the settings."""
+        s = self.settings
+        return OrbParams(range_bars=s.orb_minutes, buffer_pct=s.orb_buffer_pct,
+                         volume_ratio=s.orb_volume_ratio)
+
+
+def connect_redis(url: str) -> Redis:
+    """A Redis client with timeouts, so a dead server fails fast instead of hanging."""
+    return Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                          health_check_interval=30, retry_on_timeout=True)
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Build every adapter for this process."""
+    if settings.mode != "sim":
+        from core.errors import ConfigError
+
+        raise ConfigError(
+            f"TRADING_MODE={settings.mode}: the Alpaca adapter is not built yet; use sim")
+    redis = connect_redis(settings.redis_url)
+    keys = Keys.for_mode(settings.mode, settings.sim_run_id)
+    bar_store = RedisBarStore(redis, keys)
+    replay = RedisReplay(redis, keys, bar_store)
+    model = FillModel(slippage_bps=settings.sim_slippage_bps,
+                      fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
+                      latency_bars=settings.sim_latency_bars)
+    starting = int(settings.sim_starting_cash * 100)
+    broker = SimulatedBroker(redis, keys, replay, model, starting_cash_cents=starting)
+    return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
+                   replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
+                   window=BarWindow(bar_store))

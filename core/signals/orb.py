@@ -1,0 +1,79 @@
+"""Opening Range Breakout, computed for every symbol at once (pure; numpy or cupy).
+
+The opening range is the high/low of the first ``range_bars`` bars. A long signal fires on
+the bar whose close first crosses above ``range_high * (1 + buffer)`` with volume at least
+``volume_ratio`` x the mean volume of the bars since the range; a short mirrors it below the
+range low. Uses bars ``<= t`` only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from core.models import CLOSE, HIGH, LOW, VOLUME
+from core.signals import Signal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrbParams:
+    """ORB settings: range length in bars, breakout buffer (fraction), volume ratio."""
+
+    range_bars: int = 15
+    buffer_pct: float = 0.0005
+    volume_ratio: float = 1.0
+
+
+def orb_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.datetime,
+                params: OrbParams, xp: ModuleType = np) -> list[Signal]:
+    """Signals at the last bar of ``window`` ([t+1, S, 5]); ``bar_time`` is that bar's start.
+
+    A symbol with a missing opening-range bar or a missing current/previous bar gives no signal.
+    """
+    t = window.shape[0] - 1
+    k = params.range_bars
+    if t < k:
+        return []
+    rng = window[:k]
+    complete = ~xp.isnan(rng[:, :, CLOSE]).any(axis=0)
+    hi = xp.max(xp.where(xp.isnan(rng[:, :, HIGH]), -xp.inf, rng[:, :, HIGH]), axis=0)
+    lo = xp.min(xp.where(xp.isnan(rng[:, :, LOW]), xp.inf, rng[:, :, LOW]), axis=0)
+    close_t = window[t, :, CLOSE]
+    close_p = window[t - 1, :, CLOSE]
+    vol_t = window[t, :, VOLUME]
+    since = window[k:t, :, VOLUME] if t > k else window[:k, :, VOLUME]
+    with np.errstate(invalid="ignore"):
+        mean_vol = xp.nanmean(since, axis=0) if since.shape[0] else xp.zeros_like(vol_t)
+    ok = complete & ~xp.isnan(close_t) & ~xp.isnan(close_p) & ~xp.isnan(vol_t)
+    ok &= (vol_t > 0) & (vol_t >= params.volume_ratio * xp.nan_to_num(mean_vol))
+    up = hi * (1 + params.buffer_pct)
+    dn = lo * (1 - params.buffer_pct)
+    width = xp.maximum(hi - lo, 1e-9)
+    long_ = ok & (close_t > up) & (close_p <= up)
+    short = ok & (close_t < dn) & (close_p >= dn)
+    strength_l = (close_t - up) / width
+    strength_s = (dn - close_t) / width
+    out: list[Signal] = []
+    for idx in _indices(long_, xp):
+        out.append(Signal(symbols[idx], "buy", "orb", _confidence(strength_l[idx]), bar_time,
+                          float(close_t[idx])))
+    for idx in _indices(short, xp):
+        out.append(Signal(symbols[idx], "sell", "orb", _confidence(strength_s[idx]), bar_time,
+                          float(close_t[idx])))
+    return out
+
+
+def _indices(mask: np.ndarray, xp: ModuleType) -> list[int]:
+    found = xp.nonzero(mask)[0]
+    return [int(i) for i in (found.get() if hasattr(found, "get") else found)]
+
+
+def _confidence(strength: float) -> float:
+    """Rule confidence in [0.5, 1): larger breakouts relative to the range score higher."""
+    return round(0.5 + 0.5 * float(np.tanh(4.0 * max(float(strength), 0.0))), 4)

@@ -1,0 +1,25 @@
+"""The Celery application, configured from ``celeryconfig`` and ``beat_schedule``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import Celery, Task
+
+from beat_schedule import build_schedule
+from core.config import get_settings
+
+
+class TradingTask(Task):
+    """Base task: in eager mode, round-trip arguments through JSON as a real broker would."""
+
+    def apply(self, args: Any = None, kwargs: Any = None, *a: Any, **kw: Any) -> Any:
+        args = json.loads(json.dumps(list(args or ())))
+        kwargs = json.loads(json.dumps(dict(kwargs or {})))
+        return super().apply(args, kwargs, *a, **kw)
+
+
+app = Celery("tasks", task_cls=TradingTask)
+app.config_from_object("celeryconfig")
+app.conf.beat_schedule = build_schedule(get_settings())

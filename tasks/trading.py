@@ -1,0 +1,90 @@
+"""The trading tasks. Each validates its JSON payload, calls one core function, returns JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import chain
+from celery.utils.log import get_task_logger
+
+from core import engine
+from core.errors import TransientError
+from tasks.app import app
+from tasks.runtime import get_runtime
+
+log = get_task_logger(__name__)
+
+_RETRY = {"autoretry_for": (TransientError,), "retry_backoff": True, "retry_backoff_max": 30,
+          "max_retries": 5, "retry_jitter": True}
+
+
+class CeleryDispatcher:
+    """Hands work to the next step through the queues (routes from celeryconfig)."""
+
+    def score(self, payload: dict[str, Any]) -> None:
+        chain(score.s(payload), decide.s()).apply_async()
+
+    def submit_order(self, intent: dict[str, Any]) -> None:
+        submit_order.apply_async(args=(intent,))
+
+    def close_position(self, intent: dict[str, Any]) -> None:
+        close_position.apply_async(args=(intent,))
+
+
+DISPATCHER = CeleryDispatcher()
+
+
+@app.task(name="tasks.tick")
+def tick() -> dict[str, Any]:
+    """Per-bar strategy tick (beat): publish the next bar and start scoring it."""
+    return engine.tick(get_runtime(), DISPATCHER)
+
+
+@app.task(name="tasks.score")
+def score(payload: dict[str, Any]) -> dict[str, Any]:
+    """Signals and marks for the universe at one bar (gpu queue); the result feeds decide."""
+    return engine.score(get_runtime(), payload)
+
+
+@app.task(name="tasks.decide")
+def decide(scored: dict[str, Any]) -> dict[str, Any]:
+    """Turn a scored bar into order tasks."""
+    return engine.decide_bar(get_runtime(), DISPATCHER, scored)
+
+
+@app.task(name="tasks.submit_order", **_RETRY)
+def submit_order(intent: dict[str, Any]) -> dict[str, Any]:
+    """Reserve capital and submit one entry, exactly once per client_order_id."""
+    return engine.submit_order(get_runtime(), intent)
+
+
+@app.task(name="tasks.close_position", **_RETRY)
+def close_position(intent: dict[str, Any]) -> dict[str, Any]:
+    """Close one position, exactly once per client_order_id."""
+    return engine.close_position(get_runtime(), intent)
+
+
+@app.task(name="tasks.eod_close", **_RETRY)
+def eod_close() -> dict[str, Any]:
+    """Flatten inside the EOD window before the session's real close (idempotent)."""
+    return engine.eod_close(get_runtime())
+
+
+@app.task(name="tasks.flatten_all", **_RETRY)
+def flatten_all(reason: str = "flatten") -> dict[str, Any]:
+    """Kill switch: halt entries, cancel working entries, close every position."""
+    result = engine.flatten_all(get_runtime(), reason)
+    log.warning("flatten_all: %s", result)
+    return result
+
+
+@app.task(name="tasks.resume_trading")
+def resume_trading() -> dict[str, Any]:
+    """Clear the kill switch."""
+    return engine.resume_trading(get_runtime())
+
+
+@app.task(name="tasks.ping")
+def ping(payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Empty task for health checks and the bare-chain baseline of the latency benchmark."""
+    return payload or {}
