@@ -179,8 +179,7 @@ def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     drop(parsed.isna().to_numpy(dtype=bool), "bad_timestamp")
     drop(~_has_offset(ts_text), "no_offset")
 
-    with np.errstate(invalid="ignore"):
-        far = (parsed < _EARLIEST) | (parsed > _LATEST)  # beyond any calendar (and ns range)
+    far = (parsed < _EARLIEST) | (parsed > _LATEST)  # beyond any calendar (and ns range)
     drop(far.to_numpy(dtype=bool), "non_session_date")
 
     ts_ok = keep.copy()
@@ -375,6 +374,12 @@ def load_days(
     return out
 
 
+def _price_text(prices: np.ndarray) -> np.ndarray:
+    """Prices as text with at most 4 decimals and no trailing zeros (``750``, ``749.29``)."""
+    text = np.strings.mod("%.4f", np.round(prices, 4))
+    return np.strings.rstrip(np.strings.rstrip(text, "0"), ".")
+
+
 def write_bar_files(days: Sequence[DayBars], out_dir: Path, gzip: bool = True) -> list[Path]:
     """Write ``days`` as one bar file per symbol in ``out_dir``; return the paths written.
 
@@ -435,16 +440,16 @@ def write_bar_files(days: Sequence[DayBars], out_dir: Path, gzip: bool = True) -
             {
                 "timestamp": np.concatenate([t for t, _ in parts]),
                 "symbol": sym,
-                "open": np.round(values[:, OPEN], 4),
-                "high": np.round(values[:, HIGH], 4),
-                "low": np.round(values[:, LOW], 4),
-                "close": np.round(values[:, CLOSE], 4),
+                "open": _price_text(values[:, OPEN]),
+                "high": _price_text(values[:, HIGH]),
+                "low": _price_text(values[:, LOW]),
+                "close": _price_text(values[:, CLOSE]),
                 "volume": np.rint(values[:, VOLUME]).astype(np.int64),
             },
             columns=list(HEADER),
         )
         tmp = path.with_name(path.name + ".tmp")
-        compression = {"method": "gzip", "mtime": 0} if gzip else None
+        compression = {"method": "gzip", "compresslevel": 6, "mtime": 0} if gzip else None
         frame.to_csv(tmp, index=False, compression=compression, lineterminator="\n")
         os.replace(tmp, path)
         written.append(path)

@@ -440,7 +440,7 @@ def test_written_text_format(tmp_path: Path) -> None:
     assert path.name == "AAPL_1min.csv"
     assert path.read_text().splitlines() == [
         HEADER,
-        "2019-02-11T09:30:00-05:00,AAPL,170.1234,170.5,170.0,170.25,1234",
+        "2019-02-11T09:30:00-05:00,AAPL,170.1234,170.5,170,170.25,1234",
         "2019-02-11T09:32:00-05:00,AAPL,170.25,170.3,170.2,170.3,7",
     ]
 

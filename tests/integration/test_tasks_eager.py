@@ -1,0 +1,141 @@
+"""Task wiring in eager mode (arguments JSON round-tripped by the base task), on real Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from core.config import get_settings
+from tasks import app, trading
+from tasks.runtime import get_runtime, reset_runtime
+
+
+@pytest.fixture
+def eager(redis_client, redis_url, monkeypatch):
+    monkeypatch.setenv("TRADING_REDIS_URL", redis_url)
+    monkeypatch.setenv("TRADING_SIM_RUN_ID", "eager")
+    monkeypatch.setenv("TRADING_SIM_SYNTHETIC_SYMBOLS", "40")
+    monkeypatch.delenv("TRADING_SIM_DATA", raising=False)
+    get_settings.cache_clear()
+    reset_runtime()
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    yield get_runtime()
+    app.conf.task_always_eager = False
+    app.conf.task_eager_propagates = False
+    get_settings.cache_clear()
+    reset_runtime()
+
+
+def run_ticks(n: int) -> list[dict]:
+    return [trading.tick.delay().get() for _ in range(n)]
+
+
+def test_tick_prepares_the_replay_and_runs_the_whole_chain(eager) -> None:
+    rt = eager
+    results = run_ticks(40)
+    assert results[0]["status"] == "advanced" and results[0]["bar"] == 0
+    assert [r["bar"] for r in results] == list(range(40))  # one bar per tick, all settled
+    st = rt.replay.state()
+    assert (st.bar, st.settled) == (39, 39)
+    # the ORB range (15 bars) is complete, so the synthetic universe produced orders
+    assert rt.broker.order_log(), "expected ORB entries on 40 synthetic symbols"
+    assert rt.limits.used(st.date) <= rt.settings.daily_limit_cents
+
+
+def test_duplicate_tick_for_a_bar_does_nothing(eager) -> None:
+    rt = eager
+    run_ticks(1)
+    st = rt.replay.state()
+    meta = rt.replay.days()[0]
+    # what a duplicated beat would do for the same bar: the guard refuses it
+    again = rt.replay.advance(
+        st.__class__(**{**st.__dict__, "bar": st.bar - 1, "settled": st.bar - 1}),
+        rt.keys.tick_guard(meta.date, st.bar), 0.0)
+    assert again.status in ("stale", "duplicate")
+    assert rt.replay.state().bar == 0
+
+
+def test_score_returns_small_json(eager) -> None:
+    run_ticks(20)
+    meta = eager.replay.days()[0]
+    out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19}).get()
+    assert json.loads(json.dumps(out)) == out
+    assert set(out) == {"date", "bar", "signals", "marks"}
+    for sig in out["signals"]:
+        assert {"symbol", "side", "source", "confidence", "bar_time", "price"} <= set(sig)
+    assert len(json.dumps(out)) < 20_000
+
+
+def test_decide_submit_and_close_wiring(eager) -> None:
+    rt = eager
+    run_ticks(16)
+    meta = rt.replay.days()[0]
+    bar = rt.replay.state().bar
+    sig_time = meta.bar_time(bar).isoformat()
+    price = float(rt.window.get(meta.date, bar)[1][bar, 0, 3])
+    sym = meta.symbols[0]
+    rt.redis.delete(rt.keys.entries(meta.date))
+    scored = {"date": meta.date.isoformat(), "bar": bar, "marks": {sym: price},
+              "signals": [{"symbol": sym, "side": "buy", "source": "orb", "confidence": 0.9,
+                           "bar_time": sig_time, "price": price}]}
+    # force the bar open again so decide's orders are accepted for it
+    out = trading.decide.delay(scored).get()
+    coid = f"orb-{sym}-{meta.bar_time(bar):%Y%m%d-%H%M}-L"
+    if rt.broker.get_order_by_client_id(coid) is None:
+        pytest.fail(f"decide did not submit {coid}: {out}")
+    assert rt.limits.reservations(meta.date)[coid] > 0
+    run_ticks(1)  # fills at the next open
+    assert rt.broker.get_positions()[sym].qty > 0
+    intent = {"client_order_id": coid + "-x1", "symbol": sym, "side": "sell",
+              "qty": rt.broker.get_positions()[sym].qty, "intent": "exit",
+              "reason": "stop_loss", "ref_price": str(price),
+              "session_date": meta.date.isoformat(), "bar": rt.replay.state().bar}
+    assert trading.close_position.delay(intent).get()["status"] == "accepted"
+    assert trading.close_position.delay(intent).get()["status"] == "exists"
+
+
+def test_submit_order_refuses_a_bad_payload(eager) -> None:
+    with pytest.raises(Exception, match="validation error"):
+        trading.submit_order.delay({"client_order_id": "x", "symbol": "$$$"}).get()
+
+
+def test_arguments_must_survive_json(eager) -> None:
+    with pytest.raises(TypeError):
+        trading.score.delay({"date": dt.date(2024, 6, 3), "bar": 1})
+
+
+def test_flatten_all_halts_and_closes_then_resume(eager) -> None:
+    rt = eager
+    run_ticks(60)
+    held_before = set(rt.broker.get_positions())
+    out = trading.flatten_all.delay().get()
+    assert out["status"] == "halted"
+    assert set(out["closing"]) == held_before
+    run_ticks(2)
+    assert rt.broker.get_positions() == {}
+    orders_before = len(rt.broker.order_log())
+    run_ticks(30)
+    new = rt.broker.all_orders()[orders_before:]
+    assert all(o.intent == "exit" for o in new)  # no entries while halted
+    assert trading.resume_trading.delay().get()["status"] == "resumed"
+    assert trading.flatten_all.delay().get()["positions_left"] == []
+
+
+def test_eod_close_outside_and_inside_the_window(eager) -> None:
+    rt = eager
+    run_ticks(30)
+    assert trading.eod_close.delay().get()["status"] == "outside_window"
+    meta = rt.replay.days()[0]
+    n = meta.n_bars
+    run_ticks(n - 30 - 9)  # the last ten bars: inside the 10-minute window
+    out = trading.eod_close.delay().get()
+    assert out["status"] == "closing"
+    run_ticks(3)
+    assert rt.broker.get_positions() == {}
+
+
+def test_ping(eager) -> None:
+    assert trading.ping.delay({"a": 1}).get() == {"a": 1}
