@@ -75,6 +75,9 @@ def _sim_env(redis_url: str, run_id: str, n_symbols: int) -> dict[str, str]:
         "TRADING_SIM_DAYS": "1",
         "TRADING_DAILY_POSITION_LIMIT": "100000000",
         "TRADING_MAX_OPEN_POSITIONS": "100000",
+        # Size = limit x risk / stop: 0.00001 of $100M with a 1 % stop is ~$100k a position,
+        # so the daily limit never runs out (the default 0.002 would stop entries after 5).
+        "TRADING_RISK_PCT_PER_TRADE": "0.00001",
         # A slow bar must never be re-dispatched by the tick: that would add orders twice.
         "TRADING_SIM_SETTLE_TIMEOUT_S": "3600",
     })

@@ -86,8 +86,6 @@ def run_sim(args: argparse.Namespace) -> int:
     if args.synthetic:
         os.environ.pop("TRADING_SIM_DATA", None)
     settings = load_settings()
-    if settings.sim_data is not None and not args.synthetic:
-        pass
     days = load_sim_days(settings)
     url, private = ensure_redis(settings.redis_url)
     run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -111,7 +109,12 @@ def run_sim(args: argparse.Namespace) -> int:
             cluster.start_flower(settings.flower_port, user, password)
             print(f"Flower: http://127.0.0.1:{settings.flower_port}  user {user}  "
                   f"password {password}", file=sys.stderr)
-        ok = _wait(rt, cluster, args.stall_timeout, quiet=args.quiet)
+        try:
+            ok = _wait(rt, cluster, args.stall_timeout, quiet=args.quiet)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping the cluster and writing what ran so far",
+                  file=sys.stderr)
+            ok = False
         cluster.stop("beat")
         _drain(rt)
         cluster.stop()
@@ -131,16 +134,20 @@ def run_sim(args: argparse.Namespace) -> int:
 
 
 def _refuse_if_busy(url: str) -> None:
-    from celery import Celery
+    """Refuse to start a second cluster on a broker where workers already listen.
 
-    probe = Celery(broker=url)
-    try:
-        replies = probe.control.ping(timeout=0.5)
-    finally:
-        probe.close()
-    if replies:
-        names = ", ".join(sorted(name for r in replies for name in r))
-        raise ConfigError(f"workers already consume from {url} ({names}); stop them or point "
+    Asks through the ``celery`` command (core never imports Celery itself).
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as empty:
+        proc = subprocess.run(
+            [sys.executable, "-m", "celery", "-b", url, "inspect", "ping", "--timeout", "0.5"],
+            cwd=empty, capture_output=True, text=True, timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CELERY_")})
+    if proc.returncode == 0 and "pong" in proc.stdout:
+        raise ConfigError(f"workers already consume from {url}; stop them or point "
                           "TRADING_REDIS_URL at another database")
 
 
