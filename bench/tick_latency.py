@@ -52,6 +52,7 @@ class Result:
     tick_settled_ms: list[float] = field(default_factory=list)
     chain_ms: list[float] = field(default_factory=list)
     measured_bars: int = 0
+    last_bar: int = -1
     bars_with_orders: int = 0
     orders: int = 0
     entries: int = 0
@@ -119,15 +120,17 @@ class OrderReader:
 
 
 def run_tick_path(app, rt, settings, cluster, res: Result, bars: int, warmup: int,
-                  tick_options: dict) -> None:
+                  min_order_bars: int, tick_options: dict) -> None:
     replay = rt.replay
     state_key = rt.keys.replay_state()
     latency_bars = settings.sim_latency_bars
     n_bars = replay.days()[0].n_bars
-    bars = min(bars, n_bars - 1)
     reader = OrderReader(rt)
     r = rt.redis
-    for bar in range(bars):
+    # The day's last bar would roll the replay over (end of day): stop before it.
+    for bar in range(n_bars - 1):
+        if bar >= bars and res.bars_with_orders >= min_order_bars:
+            break
         t0 = time.time()
         app.send_task("tasks.tick", **tick_options)
         deadline = time.monotonic() + BAR_TIMEOUT_S
@@ -149,6 +152,7 @@ def run_tick_path(app, rt, settings, cluster, res: Result, bars: int, warmup: in
         if bar < warmup:
             continue
         res.measured_bars += 1
+        res.last_bar = bar
         res.tick_settled_ms.append((float(settled_at) - t0) * 1000.0)
         orders = reader.by_bar.get(bar + latency_bars, [])
         live = [o for o in orders if o["status"] != "rejected"]
@@ -230,7 +234,8 @@ def run_config(app, redis_url: str, n_symbols: int, args, log_root: Path) -> Res
         host = os.uname().nodename
         _wait_workers(app, [f"gpu-{tag}@{host}", f"exec-{tag}@{host}"], cluster)
         t = time.perf_counter()
-        run_tick_path(app, rt, settings, cluster, res, args.bars, args.warmup, tick_options)
+        run_tick_path(app, rt, settings, cluster, res, args.bars, args.warmup,
+                      args.min_order_bars, tick_options)
         print(f"[{n_symbols} symbols] tick path: {res.measured_bars} bars measured in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
         t = time.perf_counter()
@@ -272,7 +277,9 @@ def print_table(results: list[Result]) -> None:
         s50, s99 = pct(r.tick_settled_ms, 50), pct(r.tick_settled_ms, 99)
         c50, c99 = pct(r.chain_ms, 50), pct(r.chain_ms, 99)
         note = "" if len(r.tick_order_ms) >= 100 else "  (fewer than 100: p99 is rough)"
-        print(f"{r.symbols} symbols: {r.measured_bars} bars measured, {r.bars_with_orders} with "
+        first = r.last_bar - r.measured_bars + 1
+        print(f"{r.symbols} symbols: {r.measured_bars} bars measured (bars {first}-{r.last_bar}"
+              f" of the day), {r.bars_with_orders} with "
               f"orders{note}; {r.orders} orders ({r.entries} entries, {r.exits} exits), "
               f"{r.rejected} rejected; {len(r.chain_ms)} bare chains; "
               f"tick->settled / chain: p50 {s50 / c50:.2f}x, p99 {s99 / c99:.2f}x")
@@ -289,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--symbols", type=int, nargs="+", default=[100, 500])
     p.add_argument("--bars", type=int, default=200,
                    help="bars of the day to tick through, warm-up included (default 200)")
+    p.add_argument("--min-order-bars", type=int, default=100,
+                   help="keep ticking past --bars until this many measured bars had orders "
+                        "(p99 needs >= 100 samples; default 100)")
     p.add_argument("--warmup", type=int, default=20, help="bars / chains not measured")
     p.add_argument("--chains", type=int, default=200, help="bare chains measured")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' logs")
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     results: list[Result] = []
     keep_logs = args.keep_logs
+    load0 = os.getloadavg()[0]
     try:
         server = PrivateRedis.start()
         # celeryconfig reads the settings at import: point them at the private server first.
@@ -312,13 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRADING_MODE"] = "sim"
         from tasks.app import app
 
-        print(f"private Redis at {server.url}; worker logs in {log_root}", file=sys.stderr)
+        print(f"private Redis at {server.url}; worker logs in {log_root}; "
+              f"load average {load0:.2f} on {os.cpu_count()} CPUs", file=sys.stderr)
         for n in args.symbols:
             results.append(run_config(app, server.url, n, args, log_root))
             server_client = __import__("redis").Redis.from_url(server.url)
             server_client.flushdb()  # next size starts from an empty database and queues
             server_client.close()
         print_table(results)
+        if load0 > 0.7:
+            print(f"note: load average was {load0:.2f} before the benchmark started; other "
+                  "work on this machine makes the numbers noisy")
     except KeyboardInterrupt:
         keep_logs = True
         print(f"\ninterrupted (logs in {log_root})", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -18,6 +19,7 @@ from core.risk import RiskLimits, collar_price, position_value_cents, size_posit
 from core.signals import Signal
 
 log = logging.getLogger(__name__)
+MAX_EXIT_ATTEMPTS = 99
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,17 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
         reason = exit_reason(pos, inp.marks.get(symbol), params.limits.stop_loss_pct, eod, date_s)
         if reason is None:
             continue
+        attempt = inp.exit_attempts.get(symbol, 0) + 1
+        if attempt > MAX_EXIT_ATTEMPTS:
+            log.error("exit attempts exhausted; needs a person", extra={"symbol": symbol})
+            continue
         mark = inp.marks.get(symbol)
         intents.append(OrderIntent(
-            client_order_id=exit_client_order_id(pos.entry_client_order_id,
-                                                 inp.exit_attempts.get(symbol, 0) + 1),
+            client_order_id=exit_client_order_id(pos.entry_client_order_id, attempt),
             symbol=symbol, side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty),
             intent="exit", reason=reason, strategy=pos.strategy, confidence=pos.confidence,
-            ref_price=repr(mark) if mark else pos.avg_price, session_date=inp.session_date,
-            bar=inp.bar,
+            ref_price=repr(mark) if mark and math.isfinite(mark) else pos.avg_price,
+            session_date=inp.session_date, bar=inp.bar,
         ))
     no_entry = in_eod_window(inp.decision_time, inp.close_time,
                              max(params.no_entry_minutes_before_close,
@@ -79,7 +84,8 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
     if inp.halted or no_entry:
         return intents
     remaining = params.limits.daily_limit_cents - inp.used_cents
-    open_count = len(inp.positions)
+    # a working entry becomes a position when it fills, so it counts against the cap
+    open_count = len(set(inp.positions) | inp.open_order_symbols)
     taken: set[str] = set()
     for sig in sorted(inp.signals, key=lambda s: (-s.confidence, s.symbol, s.side)):
         if open_count >= params.limits.max_open_positions or remaining <= 0:
@@ -88,6 +94,9 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
                 or sig.symbol in taken or f"{sig.symbol}:{sig.side}" in inp.entered_today):
             continue
         price = Decimal(repr(sig.price))
+        if not price.is_finite() or price <= 0:
+            continue
+        price = price.quantize(Decimal("0.0001"))  # the collar maths is exact on this grid
         qty = size_position(price, params.limits, remaining)
         if qty <= 0:
             log.info("entry skipped: size 0", extra={"symbol": sig.symbol,

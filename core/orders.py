@@ -23,6 +23,8 @@ _STRATEGY = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 def entry_client_order_id(strategy: str, symbol: str, signal_bar: dt.datetime,
                           side: Literal["buy", "sell"]) -> str:
     """Id of the entry leg for a signal on the bar starting at ``signal_bar`` (any tz)."""
+    if signal_bar.tzinfo is None:
+        raise ValueError("signal_bar must be timezone-aware")
     if not _STRATEGY.match(strategy):
         raise ValueError(f"bad strategy tag {strategy!r}")
     if not _SYMBOL.match(symbol):

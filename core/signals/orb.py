@@ -48,8 +48,8 @@ def orb_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.datet
     close_p = window[t - 1, :, CLOSE]
     vol_t = window[t, :, VOLUME]
     since = window[k:t, :, VOLUME] if t > k else window[:k, :, VOLUME]
-    with np.errstate(invalid="ignore"):
-        mean_vol = xp.nanmean(since, axis=0) if since.shape[0] else xp.zeros_like(vol_t)
+    counts = (~xp.isnan(since)).sum(axis=0)
+    mean_vol = xp.where(counts > 0, xp.nansum(since, axis=0) / xp.maximum(counts, 1), 0.0)
     ok = complete & ~xp.isnan(close_t) & ~xp.isnan(close_p) & ~xp.isnan(vol_t)
     ok &= (vol_t > 0) & (vol_t >= params.volume_ratio * xp.nan_to_num(mean_vol))
     up = hi * (1 + params.buffer_pct)
@@ -76,4 +76,4 @@ def _indices(mask: np.ndarray, xp: ModuleType) -> list[int]:
 
 def _confidence(strength: float) -> float:
     """Rule confidence in [0.5, 1): larger breakouts relative to the range score higher."""
-    return round(0.5 + 0.5 * float(np.tanh(4.0 * max(float(strength), 0.0))), 4)
+    return min(round(0.5 + 0.5 * float(np.tanh(4.0 * max(float(strength), 0.0))), 4), 0.9999)
