@@ -61,7 +61,10 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
             return {"status": "redispatched", "date": meta.date.isoformat(), "bar": st.bar}
         return {"status": "waiting", "date": meta.date.isoformat(), "bar": st.bar}
     if st.bar == meta.n_bars - 1:
-        _end_of_day(rt, meta)
+        # two ticks can get here at once: only the one that takes the guard records the day
+        if rt.redis.set(rt.keys.k(f"eod_stats:{meta.date.isoformat()}"), "1", nx=True,
+                        ex=4 * 24 * 3600):
+            _end_of_day(rt, meta)
         status = replay.roll_day(st, now_wall)
         return {"status": status, "date": meta.date.isoformat()}
     adv = replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), now_wall)

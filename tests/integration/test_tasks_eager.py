@@ -139,3 +139,19 @@ def test_eod_close_outside_and_inside_the_window(eager) -> None:
 
 def test_ping(eager) -> None:
     assert trading.ping.delay({"a": 1}).get() == {"a": 1}
+
+
+def test_concurrent_ticks_at_the_end_of_a_day_record_it_once(eager) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import engine
+
+    rt = eager
+    run_ticks(1)
+    n = rt.replay.days()[0].n_bars
+    run_ticks(n - 1)
+    assert rt.replay.state().bar == n - 1
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: engine.tick(rt, trading.DISPATCHER), range(4)))
+    assert sorted(r["status"] for r in results).count("finished") >= 1
+    assert len(rt.replay.day_stats()) == 1
