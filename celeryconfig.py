@@ -43,6 +43,7 @@ task_routes = {
     "tasks.eod_close": {"queue": "exec"},
     "tasks.flatten_all": {"queue": "exec"},
     "tasks.resume_trading": {"queue": "exec"},
+    "tasks.reconcile": {"queue": "exec"},
     "tasks.ping": {"queue": "exec"},
 }
 task_default_queue = "exec"

@@ -7,8 +7,8 @@ Usage::
 
 Starts a private Redis, prepares the same synthetic replay as ``bench/tick_latency.py`` and
 runs, per bar, the engine functions the tasks call: ``engine.tick`` (advance + fills),
-``engine.score``, ``engine.decide_bar`` and each ``engine.submit_order`` /
-``engine.close_position``, timing each with ``time.perf_counter``. A dispatcher records what
+``engine.score``, ``engine.decide_bar`` and each ``execution.submit_order`` /
+``execution.close_position``, timing each with ``time.perf_counter``. A dispatcher records what
 would have been enqueued instead of sending it. Also times the JSON encoding of the messages
 (Celery's serializer) and counts Redis round trips per stage. ``--cprofile`` prints the top
 functions of each stage.
@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             "TRADING_SIM_RUN_ID": f"prof-{uuid.uuid4().hex[:8]}",
             "TRADING_SIM_SYNTHETIC_SYMBOLS": str(args.symbols), "TRADING_SIM_DAYS": "1",
             "TRADING_DAILY_POSITION_LIMIT": "100000000", "TRADING_MAX_OPEN_POSITIONS": "100000",
+            "TRADING_DAILY_LOSS_LIMIT": "100000000",
             "TRADING_RISK_PCT_PER_TRADE": "0.00001", "TRADING_SIM_SETTLE_TIMEOUT_S": "3600",
         })
         for k in ("TRADING_SIM_DATA", "TRADING_SIM_SYMBOLS"):
             os.environ.pop(k, None)
-        from core import engine
+        from core import engine, execution
         from core.config import load_settings
         from core.runtime import build_runtime
         from core.sim import prepare_replay
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        rt_exec, rec, scored)
             order_t, order_first, n_order_calls = 0.0, None, 0
             for kind, intent in rec.orders:
-                fn = engine.submit_order if kind == "submit" else engine.close_position
+                fn = execution.submit_order if kind == "submit" else execution.close_position
                 _, d, n = timed("order", "exec", fn, rt_exec, intent)
                 order_first = d if order_first is None else order_first
                 order_t += d

@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python bench/tick_latency.py [--symbols 100 500] [--bars 200] [--warmup 20]
-                                           [--chains 200]
+                                           [--chains 200] [--min-order-bars 100]
+                                           [--poll-ms 0.5] [--no-interleave] [--keep-logs]
 
 For each universe size it starts a private Redis (never the developer's), a gpu worker
 (``-c 1``) and an exec worker as real ``celery -A tasks worker`` processes, prepares a
@@ -16,10 +17,18 @@ synthetic one-day replay and then plays beat's role itself:
     by the workers, so the poll interval of this process does not enter the numbers.
 (b) bare chain: exec -> gpu -> exec -> exec made of the empty ``tasks.ping`` (same hops as
     tick -> score -> decide -> submit), the last hop storing its result in the Redis backend;
-    latency = date_done of that result - t0.
+    latency = date_done of that result - t0. One chain runs after each settled bar (so both
+    paths see the same machine conditions), then more until ``--chains`` are measured.
+
+The first ``--warmup`` bars/chains are not measured. ORB gives orders on some bars only, so
+the tick path runs past ``--bars`` until ``--min-order-bars`` measured bars had orders (p99
+needs >= 100 samples; with 100 symbols that takes ~300 bars). The replay's settings make
+orders flow all day: a $100M daily limit, 100000 open positions, 0.001 % risk per trade.
 
 Prints a table with p50/p99 and the ratios against the goals (p50 <= 1.5x, p99 <= 2.0x the
-bare chain). Always exits 0: it is a benchmark, not a test.
+bare chain), plus each task's run time as the workers log it and the CPU that other
+processes used meanwhile (this 2-core machine is often shared; above ~0.15 cores the numbers
+are noisy). Always exits 0: it is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-POLL_S = 0.0005  # sleep between polls of Redis (busy-poll at most every 0.5 ms)
+POLL_S = 0.0005  # sleep between polls of Redis (busy-poll at most every 0.5 ms); --poll-ms
 BAR_TIMEOUT_S = 30.0
 P50_GOAL, P99_GOAL = 1.5, 2.0
 
@@ -59,6 +69,8 @@ class Result:
     exits: int = 0
     rejected: int = 0
     errors: list[str] = field(default_factory=list)
+    task_ms: dict[str, list[float]] = field(default_factory=dict)
+    foreign: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -76,6 +88,7 @@ def _sim_env(redis_url: str, run_id: str, n_symbols: int) -> dict[str, str]:
         "TRADING_SIM_DAYS": "1",
         "TRADING_DAILY_POSITION_LIMIT": "100000000",
         "TRADING_MAX_OPEN_POSITIONS": "100000",
+        "TRADING_DAILY_LOSS_LIMIT": "100000000",
         # Size = limit x risk / stop: 0.00001 of $100M with a 1 % stop is ~$100k a position,
         # so the daily limit never runs out (the default 0.002 would stop entries after 5).
         "TRADING_RISK_PCT_PER_TRADE": "0.00001",
@@ -83,6 +96,54 @@ def _sim_env(redis_url: str, run_id: str, n_symbols: int) -> dict[str, str]:
         "TRADING_SIM_SETTLE_TIMEOUT_S": "3600",
     })
     return env
+
+
+class CpuMeter:
+    """CPU used on the machine by processes other than this benchmark's (cores, averaged).
+
+    This machine has 2 cores and is often shared: a foreign load of a few tenths of a core
+    moves the latencies a lot, so each phase reports it next to its numbers.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover - psutil comes with the venv (celery deps)
+            self.psutil = None
+            return
+        self.psutil = psutil
+        self.procs = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                self.procs += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
+        self.start = self._snap()
+
+    def _snap(self) -> tuple[float, float, float, float]:
+        ps = self.psutil
+        m = ps.cpu_times()
+        busy = m.user + m.nice + m.system  # process time only (not irq, softirq, steal)
+        steal = getattr(m, "steal", 0.0)
+        ours = 0.0
+        for proc in self.procs:
+            try:
+                t = proc.cpu_times()
+                ours += t.user + t.system
+            except ps.Error:
+                pass
+        return time.monotonic(), busy, ours, steal
+
+    def foreign_cores(self) -> tuple[float, float]:
+        """Average cores used by other processes, and stolen by the hypervisor, since the
+        meter was made (nan if unknown)."""
+        if self.psutil is None:
+            return float("nan"), float("nan")
+        t1, b1, o1, s1 = self._snap()
+        t0, b0, o0, s0 = self.start
+        wall = max(t1 - t0, 1e-9)
+        return max(0.0, (b1 - b0) - (o1 - o0)) / wall, max(0.0, s1 - s0) / wall
 
 
 def _wait_workers(app, names: list[str], cluster, timeout: float = 60.0) -> None:
@@ -120,7 +181,7 @@ class OrderReader:
 
 
 def run_tick_path(app, rt, settings, cluster, res: Result, bars: int, warmup: int,
-                  min_order_bars: int, tick_options: dict) -> None:
+                  min_order_bars: int, tick_options: dict, after_bar=None) -> None:
     replay = rt.replay
     state_key = rt.keys.replay_state()
     latency_bars = settings.sim_latency_bars
@@ -149,6 +210,8 @@ def run_tick_path(app, rt, settings, cluster, res: Result, bars: int, warmup: in
             res.errors.append(f"replay at bar {st.bar}/settled {st.settled}, expected {bar}")
             return
         reader.pull()
+        if after_bar is not None and not after_bar():
+            return
         if bar < warmup:
             continue
         res.measured_bars += 1
@@ -165,43 +228,55 @@ def run_tick_path(app, rt, settings, cluster, res: Result, bars: int, warmup: in
             res.tick_order_ms.append((min(o["accepted_wall"] for o in live) - t0) * 1000.0)
 
 
-def run_bare_chains(app, rt, cluster, res: Result, n: int, warmup: int) -> None:
-    from celery import chain
+class BareChains:
+    """The baseline: chains exec -> gpu -> exec -> exec of the empty ``tasks.ping``."""
 
-    def ping(queue: str, *args: object, **options: object):
-        # Immutable (.si): a step does not receive its parent's result, like tasks.ping().si().
-        return app.signature("tasks.ping", args=args, immutable=True).set(queue=queue, **options)
+    def __init__(self, app, rt, cluster, res: Result, warmup: int) -> None:
+        from celery import chain
 
-    r = rt.redis
-    for i in range(warmup + n):
-        c = chain(ping("exec"), ping("gpu"), ping("exec"),
-                  ping("exec", {"seq": i}, ignore_result=False))
+        self.app, self.chain, self.r = app, chain, rt.redis
+        self.cluster, self.res, self.warmup = cluster, res, warmup
+        self.sent = 0
+
+    def _ping(self, queue: str, *args: object, **options: object):
+        # Immutable (.si): a step does not receive its parent's result.
+        return self.app.signature("tasks.ping", args=args, immutable=True).set(
+            queue=queue, **options)
+
+    def one(self) -> bool:
+        """Run one chain to its end; False (with an error recorded) if it failed."""
+        i = self.sent
+        self.sent += 1
+        c = self.chain(self._ping("exec"), self._ping("gpu"), self._ping("exec"),
+                       self._ping("exec", {"seq": i}, ignore_result=False))
         t0 = time.time()
         result = c.apply_async()
         key = f"celery-task-meta-{result.id}"
         deadline = time.monotonic() + BAR_TIMEOUT_S
         while True:
-            raw = r.get(key)
+            raw = self.r.get(key)
             if raw is not None:
                 break
             if time.monotonic() > deadline:
-                res.errors.append(f"bare chain {i} did not finish in {BAR_TIMEOUT_S:.0f} s"
-                                  f" (dead: {cluster.dead()})")
-                return
+                self.res.errors.append(f"bare chain {i} did not finish in {BAR_TIMEOUT_S:.0f} s"
+                                       f" (dead: {self.cluster.dead()})")
+                return False
             time.sleep(POLL_S)
         meta = json.loads(raw)
         if meta.get("status") != "SUCCESS" or meta.get("result") != {"seq": i}:
-            res.errors.append(f"bare chain {i}: unexpected result {meta}")
-            return
+            self.res.errors.append(f"bare chain {i}: unexpected result {meta}")
+            return False
         done = dt.datetime.fromisoformat(meta["date_done"])
         if done.tzinfo is None:
             done = done.replace(tzinfo=dt.UTC)
-        r.delete(key)
-        if i >= warmup:
-            res.chain_ms.append((done.timestamp() - t0) * 1000.0)
+        self.r.delete(key)
+        if i >= self.warmup:
+            self.res.chain_ms.append((done.timestamp() - t0) * 1000.0)
+        return True
 
 
-def run_config(app, redis_url: str, n_symbols: int, args, log_root: Path) -> Result:
+def run_config(app, redis_url: str, n_symbols: int, args, log_root: Path,
+               redis_pid: int) -> Result:
     from beat_schedule import build_schedule
     from core.cluster import Cluster
     from core.config import load_settings
@@ -233,19 +308,43 @@ def run_config(app, redis_url: str, n_symbols: int, args, log_root: Path) -> Res
         cluster.start_workers(tag=tag)
         host = os.uname().nodename
         _wait_workers(app, [f"gpu-{tag}@{host}", f"exec-{tag}@{host}"], cluster)
+        ours = [os.getpid(), redis_pid, *(p.pid for p in cluster.procs.values())]
+        chains = BareChains(app, rt, cluster, res, args.warmup)
+        meter = CpuMeter(ours)
         t = time.perf_counter()
+        # One bare chain after each settled bar: both paths see the same machine conditions
+        # (this VM's speed drifts by tens of percent from minute to minute).
         run_tick_path(app, rt, settings, cluster, res, args.bars, args.warmup,
-                      args.min_order_bars, tick_options)
+                      args.min_order_bars, tick_options,
+                      after_bar=chains.one if args.interleave else None)
         print(f"[{n_symbols} symbols] tick path: {res.measured_bars} bars measured in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
         t = time.perf_counter()
-        run_bare_chains(app, rt, cluster, res, args.chains, args.warmup)
-        print(f"[{n_symbols} symbols] bare chain: {len(res.chain_ms)} chains in "
-              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+        while len(res.chain_ms) < args.chains and not res.errors:
+            chains.one()
+        res.foreign = meter.foreign_cores()
+        print(f"[{n_symbols} symbols] bare chain: {len(res.chain_ms)} chains "
+              f"({'interleaved with the ticks, then ' if args.interleave else ''}"
+              f"{time.perf_counter() - t:.1f} s after the tick path)", file=sys.stderr)
     finally:
         cluster.stop()
         rt.redis.close()
+    res.task_ms = task_times(cluster.log_dir)
     return res
+
+
+_SUCCEEDED = re.compile(r"Task (tasks\.\w+)\[[^\]]+\] succeeded in ([0-9.eE+-]+)s")
+
+
+def task_times(log_dir: Path) -> dict[str, list[float]]:
+    """Run time of each task as the workers log it ('succeeded in'), in ms, by task name."""
+    out: dict[str, list[float]] = {}
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = _SUCCEEDED.search(line)
+            if m:
+                out.setdefault(m.group(1), []).append(float(m.group(2)) * 1000.0)
+    return out
 
 
 def verdict(ratio: float, goal: float) -> str:
@@ -283,6 +382,15 @@ def print_table(results: list[Result]) -> None:
               f"orders{note}; {r.orders} orders ({r.entries} entries, {r.exits} exits), "
               f"{r.rejected} rejected; {len(r.chain_ms)} bare chains; "
               f"tick->settled / chain: p50 {s50 / c50:.2f}x, p99 {s99 / c99:.2f}x")
+        foreign, steal = r.foreign
+        print(f"  meanwhile other processes used {foreign:.2f} cores, hypervisor steal "
+              f"{steal:.2f} cores"
+              + ("  <- NOISY: rerun on a quiet machine" if max(foreign, steal) > 0.15 else ""))
+        if r.task_ms:
+            parts = [f"{name.removeprefix('tasks.')} {pct(v, 50):.1f}/{pct(v, 99):.1f}"
+                     for name, v in sorted(r.task_ms.items())]
+            print("  run time inside the workers, p50/p99 ms (warm-up included): "
+                  + ", ".join(parts))
         for e in r.errors:
             print(f"  ERROR: {e}")
 
@@ -301,13 +409,21 @@ def main(argv: list[str] | None = None) -> int:
                         "(p99 needs >= 100 samples; default 100)")
     p.add_argument("--warmup", type=int, default=20, help="bars / chains not measured")
     p.add_argument("--chains", type=int, default=200, help="bare chains measured")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="run all bare chains after the tick path instead of one after each bar")
+    p.add_argument("--poll-ms", type=float, default=0.5,
+                   help="sleep between polls of Redis in ms (default 0.5); the latencies use "
+                        "the workers' own time stamps, so this only changes the load")
     p.add_argument("--keep-logs", action="store_true", help="keep the workers' logs")
     args = p.parse_args(argv)
+    global POLL_S
+    POLL_S = args.poll_ms / 1000.0
 
     os.chdir(REPO)
     sys.path.insert(0, str(REPO))
     # SIGTERM -> KeyboardInterrupt, so the finally blocks stop the cluster and Redis.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
 
     from core.cluster import PrivateRedis
 
@@ -326,14 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"private Redis at {server.url}; worker logs in {log_root}; "
               f"load average {load0:.2f} on {os.cpu_count()} CPUs", file=sys.stderr)
         for n in args.symbols:
-            results.append(run_config(app, server.url, n, args, log_root))
+            results.append(run_config(app, server.url, n, args, log_root, server.proc.pid))
             server_client = __import__("redis").Redis.from_url(server.url)
             server_client.flushdb()  # next size starts from an empty database and queues
             server_client.close()
         print_table(results)
-        if load0 > 0.7:
-            print(f"note: load average was {load0:.2f} before the benchmark started; other "
-                  "work on this machine makes the numbers noisy")
     except KeyboardInterrupt:
         keep_logs = True
         print(f"\ninterrupted (logs in {log_root})", file=sys.stderr)

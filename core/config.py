@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     ml_exit_threshold: float = Field(0.7, ge=0, le=1)
     eod_close_minutes_before: int = Field(10, ge=1, le=120)
     max_open_positions: int = Field(10, ge=1)
+    max_position_value: Decimal | None = Field(None, gt=0)
+    daily_loss_limit: Decimal = Field(Decimal("250"), gt=0)
     entry_collar_pct: float = Field(0.005, gt=0, lt=0.1)
 
     # --- strategy ----------------------------------------------------------------------
@@ -81,6 +83,16 @@ class Settings(BaseSettings):
     sim_latency_bars: int = Field(1, ge=1, le=30)
     sim_starting_cash: Decimal = Field(Decimal("100000"), gt=0)
     sim_settle_timeout_s: float = Field(30.0, gt=0)
+
+    sim_faults: str = ""
+
+    # --- order path ----------------------------------------------------------------------
+    broker_timeout_s: float = Field(10.0, gt=0, le=120)
+    order_lock_ttl_s: float = Field(30.0, gt=0, le=600)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_window_s: float = Field(60.0, gt=0)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    reconcile_seconds: float = Field(300.0, gt=0)
 
     # --- Celery --------------------------------------------------------------------------
     tick_seconds: float = Field(60.0, gt=0, le=3600)
@@ -117,6 +129,17 @@ class Settings(BaseSettings):
             raise ValueError("TRADING_SIM_FROM is after TRADING_SIM_TO")
         return self
 
+    @field_validator("sim_faults")
+    @classmethod
+    def _check_faults(cls, value: str) -> str:
+        from core.brokers.faults import parse_faults
+
+        try:
+            parse_faults(value)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
@@ -125,11 +148,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "daily_position_limit", "sim_fee_per_share", "sim_fee_min", "sim_starting_cash"
+        "daily_position_limit", "sim_fee_per_share", "sim_fee_min", "sim_starting_cash",
+        "daily_loss_limit", "max_position_value",
     )
     @classmethod
-    def _finite_money(cls, value: Decimal) -> Decimal:
-        if not value.is_finite():
+    def _finite_money(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and not value.is_finite():
             raise ValueError("must be a finite number")
         return value
 
@@ -139,6 +163,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 "TRADING_TASK_TIME_LIMIT_S must be greater than TRADING_TASK_SOFT_TIME_LIMIT_S"
             )
+        if self.order_lock_ttl_s <= self.broker_timeout_s:
+            raise ValueError(
+                "TRADING_ORDER_LOCK_TTL_S must be longer than TRADING_BROKER_TIMEOUT_S")
         if self.mode != "sim" and (self.alpaca_api_key is None or self.alpaca_secret_key is None):
             raise ValueError(
                 f"TRADING_MODE={self.mode} needs TRADING_ALPACA_API_KEY and "
@@ -150,6 +177,18 @@ class Settings(BaseSettings):
     def daily_limit_cents(self) -> int:
         """The daily position-value limit in integer cents."""
         return int((self.daily_position_limit * 100).to_integral_value())
+
+    @property
+    def daily_loss_limit_cents(self) -> int:
+        """The daily loss that halts new entries, in integer cents (positive)."""
+        return int((self.daily_loss_limit * 100).to_integral_value())
+
+    @property
+    def max_position_value_cents(self) -> int:
+        """Largest value of one symbol's position in cents (the daily limit when unset)."""
+        if self.max_position_value is None:
+            return self.daily_limit_cents
+        return int((self.max_position_value * 100).to_integral_value())
 
     @property
     def bar_interval_s(self) -> float:

@@ -29,6 +29,7 @@ class DecisionParams:
     limits: RiskLimits
     eod_close_minutes_before: int = 10
     no_entry_minutes_before_close: int = 30
+    max_position_value_cents: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,10 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
         if not price.is_finite() or price <= 0:
             continue
         price = price.quantize(Decimal("0.0001"))  # the collar maths is exact on this grid
-        qty = size_position(price, params.limits, remaining)
+        cap = remaining
+        if params.max_position_value_cents is not None:
+            cap = min(cap, params.max_position_value_cents)
+        qty = size_position(price, params.limits, cap)
         if qty <= 0:
             log.info("entry skipped: size 0", extra={"symbol": sig.symbol,
                                                     "remaining_cents": remaining})

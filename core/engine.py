@@ -9,16 +9,15 @@ times America/New_York; money in cents.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import time
 from typing import Any, Protocol
 
-from core.brokers.base import FillEvent, OrderRequest, Position
-from core.decision import DecisionInput, decide, in_eod_window, reservation_cents
+from core.brokers.base import FillEvent
+from core.decision import DecisionInput, decide
+from core.execution import apply_fill_events, reconcile, release_orphans
 from core.models import CLOSE
-from core.orders import OrderIntent, exit_client_order_id
 from core.runtime import Runtime
 from core.signals import Signal
 from core.signals.orb import orb_signals
@@ -42,11 +41,12 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
     hand the new bar to scoring. Safe to call any number of times per bar."""
     now_wall = time.time() if now_wall is None else now_wall
     replay = rt.replay
-    if not replay.is_prepared():
+    st = replay.state()
+    if st.status == "empty":
         from core.sim import prepare_replay
 
         prepare_replay(rt, rt.settings)
-    st = replay.state()
+        st = replay.state()
     if st.finished:
         return {"status": "finished"}
     days = replay.days()
@@ -84,28 +84,11 @@ def _process_fills(rt: Runtime, meta: Any, bar: int, row: Any) -> list[FillEvent
     return events
 
 
-def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
-    """Make each entry's reservation follow its fill: shrink to the filled value, or release."""
-    for ev in events:
-        if ev.intent != "entry":
-            continue
-        day = dt.date.fromisoformat(ev.session_date)
-        reserved = rt.limits.reservations(day).get(ev.client_order_id)
-        if reserved is None:
-            log.error("fill without reservation", extra={"client_order_id": ev.client_order_id})
-            continue
-        target = min(ev.notional_cents, reserved) if ev.status == "filled" else 0
-        if ev.status == "filled" and ev.notional_cents > reserved:
-            log.error("fill value above its reservation", extra={
-                "client_order_id": ev.client_order_id, "filled_cents": ev.notional_cents,
-                "reserved_cents": reserved})
-        if target < reserved:
-            rt.limits.adjust(day, ev.client_order_id, target)
-
-
 def _end_of_day(rt: Runtime, meta: Any) -> None:
-    """Expire working orders of the finished session and record its end-of-day figures."""
+    """Expire working orders of the finished session, release orphan reservations and record
+    the day's end-of-day figures."""
     apply_fill_events(rt, rt.broker.expire_session_orders(meta.date))
+    release_orphans(rt, meta.date)
     positions = rt.broker.get_positions()
     if positions:
         log.error("positions open at the close", extra={
@@ -127,7 +110,7 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
     signals = orb_signals(window, meta.symbols, meta.bar_time(bar), rt.orb_params)
-    held = set(rt.broker.get_positions())
+    held = rt.broker.held_symbols()
     wanted = held | {s.symbol for s in signals}
     closes = window[bar, :, CLOSE]
     marks = {sym: float(closes[i]) for i, sym in enumerate(meta.symbols)
@@ -149,17 +132,25 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
                       confidence=float(s["confidence"]),
                       bar_time=dt.datetime.fromisoformat(s["bar_time"]), price=float(s["price"]))
                for s in scored.get("signals", [])]
-    positions = rt.broker.get_positions()
-    open_orders = rt.broker.list_open_orders()
-    entered = frozenset(x.decode() for x in rt.redis.smembers(rt.keys.entries(day)))
+    if not rt.redis.exists(rt.keys.reconciled(day)):
+        reconcile(rt, day)  # new day, or Redis lost its data: rebuild before any entry
+    positions, open_orders = rt.broker.snapshot()
+    marks = {k: float(v) for k, v in scored.get("marks", {}).items()}
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.smembers(rt.keys.entries(day))
+    pipe.get(rt.keys.used_capital(day))
+    pipe.exists(rt.keys.halt())
+    pipe.exists(rt.keys.loss_halt(day))
+    entered_raw, used_raw, halted, loss_halted = pipe.execute()
+    halted = bool(halted) or bool(loss_halted) or _loss_limit_hit(rt, day, positions, marks)
     inp = DecisionInput(
         session_date=day, bar=bar,
         decision_time=meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds),
-        close_time=meta.close_time, signals=signals,
-        marks={k: float(v) for k, v in scored.get("marks", {}).items()},
+        close_time=meta.close_time, signals=signals, marks=marks,
         positions=positions, open_order_symbols=frozenset(o.symbol for o in open_orders),
-        entered_today=entered, used_cents=rt.limits.used(day), halted=is_halted(rt),
-        exit_attempts={sym: _exit_attempts(rt, pos) for sym, pos in positions.items()},
+        entered_today=frozenset(x.decode() for x in entered_raw),
+        used_cents=int(used_raw or 0), halted=halted,
+        exit_attempts={sym: pos.exit_attempt for sym, pos in positions.items()},
     )
     intents = decide(inp, rt.decision_params)
     if not intents:
@@ -176,143 +167,20 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
             "orders": len(intents)}
 
 
-def _exit_attempts(rt: Runtime, pos: Position) -> int:
-    """Exit orders already used for this position (a failed exit gets a fresh id)."""
-    attempt = 0
-    while attempt < 99:
-        order = rt.broker.get_order_by_client_id(
-            exit_client_order_id(pos.entry_client_order_id, attempt + 1))
-        if order is None or order.status in ("accepted", "filled"):
-            return attempt
-        attempt += 1
-    return attempt
+def _loss_limit_hit(rt: Runtime, day: dt.date, positions: dict[str, Any],
+                    marks: dict[str, float]) -> bool:
+    """True (and halts entries for the day) once realized + unrealized P/L <= -limit."""
+    if not positions and rt.settings.daily_loss_limit_cents <= 0:
+        return False
+    pnl = rt.broker.realized_pnl_cents(day)
+    for sym, pos in positions.items():
+        mark = marks.get(sym)
+        if mark is not None and math.isfinite(mark):
+            pnl += int((float(mark) - float(pos.avg_price)) * pos.qty * 100)
+    if pnl <= -rt.settings.daily_loss_limit_cents:
+        if rt.redis.set(rt.keys.loss_halt(day), str(pnl), nx=True, ex=4 * 24 * 3600):
+            log.warning("daily loss limit reached: no new entries today",
+                        extra={"date": day.isoformat(), "pnl_cents": pnl})
+        return True
+    return False
 
-
-# --- orders (exec queue) --------------------------------------------------------------------
-def submit_order(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Reserve capital and submit one entry exactly once; always completes the bar's ledger."""
-    intent = OrderIntent.model_validate(payload)
-    try:
-        return _submit_entry(rt, intent)
-    finally:
-        rt.replay.complete_pending(intent.session_date, intent.bar, intent.client_order_id)
-
-
-def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
-    from core.locks import TokenLock
-
-    coid = intent.client_order_id
-    base = {"client_order_id": coid, "symbol": intent.symbol}
-    if intent.intent != "entry" or intent.qty <= 0 or intent.limit_price is None:
-        return {**base, "status": "invalid", "reason": "submit_order takes sized entries only"}
-    existing = rt.broker.get_order_by_client_id(coid)
-    if existing is not None:
-        return {**base, "status": "exists", "order_status": existing.status}
-    if is_halted(rt):
-        return {**base, "status": "refused", "reason": "halted"}
-    lock = TokenLock(rt.redis, rt.keys.order_lock(coid))
-    if not lock.acquire():
-        return {**base, "status": "locked"}
-    try:
-        existing = rt.broker.get_order_by_client_id(coid)
-        if existing is not None:
-            return {**base, "status": "exists", "order_status": existing.status}
-        day = intent.session_date
-        res = rt.limits.reserve(day, coid, reservation_cents(intent),
-                                rt.settings.daily_limit_cents)
-        if not res.ok:
-            log.info("entry refused by the daily limit", extra={
-                **base, "reserve_status": res.status, "used_cents": res.used_cents})
-            return {**base, "status": "refused", "reason": res.status}
-        order = rt.broker.submit_order(OrderRequest(
-            client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
-            order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
-            intent="entry", reason=intent.reason, strategy=intent.strategy,
-            confidence=intent.confidence))
-        if order.status == "rejected":
-            rt.limits.adjust(day, coid, 0)
-            return {**base, "status": "rejected", "reason": order.status_reason}
-        rt.redis.sadd(rt.keys.entries(day), f"{intent.symbol}:{intent.side}")
-        rt.redis.expire(rt.keys.entries(day), 4 * 24 * 3600)
-        return {**base, "status": order.status, "qty": order.qty}
-    finally:
-        lock.release()
-
-
-def close_position(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Close one position exactly once; always completes the bar's ledger."""
-    intent = OrderIntent.model_validate(payload)
-    try:
-        return _close(rt, intent.symbol, intent.client_order_id, intent.reason)
-    finally:
-        rt.replay.complete_pending(intent.session_date, intent.bar, intent.client_order_id)
-
-
-def _close(rt: Runtime, symbol: str, coid: str, reason: str) -> dict[str, Any]:
-    from core.locks import TokenLock
-
-    base = {"client_order_id": coid, "symbol": symbol}
-    existing = rt.broker.get_order_by_client_id(coid)
-    if existing is not None:
-        return {**base, "status": "exists", "order_status": existing.status}
-    lock = TokenLock(rt.redis, rt.keys.order_lock(coid))
-    if not lock.acquire():
-        return {**base, "status": "locked"}
-    try:
-        order = rt.broker.close_position(symbol, coid, reason)
-        if order is None:
-            return {**base, "status": "flat"}
-        return {**base, "status": order.status, "reason": order.status_reason or reason}
-    finally:
-        lock.release()
-
-
-# --- end of day and kill switch ---------------------------------------------------------------
-def is_halted(rt: Runtime) -> bool:
-    """True while the kill switch is engaged."""
-    return bool(rt.redis.exists(rt.keys.halt()))
-
-
-def close_all(rt: Runtime, reason: str) -> dict[str, Any]:
-    """Cancel working entries (releasing their capital) and close every position."""
-    cancelled = []
-    for order in rt.broker.list_open_orders():
-        if order.intent == "entry":
-            done = rt.broker.cancel_order(order.client_order_id)
-            if done is not None and done.status == "cancelled":
-                cancelled.append(order.client_order_id)
-                apply_fill_events(rt, [FillEvent(order.client_order_id, order.symbol, "entry",
-                                                 "cancelled", 0, 0, order.session_date)])
-    closing = {}
-    for symbol, pos in sorted(rt.broker.get_positions().items()):
-        coid = exit_client_order_id(pos.entry_client_order_id, _exit_attempts(rt, pos) + 1)
-        closing[symbol] = _close(rt, symbol, coid, reason)["status"]
-    return {"cancelled": cancelled, "closing": closing}
-
-
-def eod_close(rt: Runtime, now_wall: float | None = None) -> dict[str, Any]:
-    """Inside the EOD window of the session's real close: flatten (idempotent)."""
-    meta, bar = rt.replay.now()
-    if meta is None:
-        return {"status": "no_session"}
-    decision_time = meta.bar_time(max(bar, 0)) + dt.timedelta(seconds=meta.bar_seconds)
-    if not in_eod_window(decision_time, meta.close_time, rt.settings.eod_close_minutes_before):
-        return {"status": "outside_window", "date": meta.date.isoformat(), "bar": bar}
-    result = close_all(rt, "eod")
-    return {"status": "closing", "date": meta.date.isoformat(), "bar": bar, **result}
-
-
-def flatten_all(rt: Runtime, reason: str = "flatten") -> dict[str, Any]:
-    """Kill switch: halt new entries until resumed, cancel entries, close every position."""
-    rt.redis.set(rt.keys.halt(), json.dumps({"reason": reason, "at": time.time()}))
-    log.warning("kill switch engaged: flattening", extra={"reason": reason})
-    result = close_all(rt, reason)
-    return {"status": "halted", **result,
-            "positions_left": sorted(rt.broker.get_positions())}
-
-
-def resume_trading(rt: Runtime) -> dict[str, Any]:
-    """Clear the kill switch so entries may resume."""
-    cleared = bool(rt.redis.delete(rt.keys.halt()))
-    log.warning("kill switch cleared" if cleared else "resume: was not halted")
-    return {"status": "resumed" if cleared else "not_halted"}

@@ -8,7 +8,8 @@ Branches are chosen by what the caller does::
      ├── TransientError           retry with backoff
      │    ├── BrokerUnavailable
      │    ├── RateLimited
-     │    └── StaleMarketData
+     │    ├── StaleMarketData
+     │    └── OrderInFlight       another worker holds the order's lock right now
      ├── OrderRejected            record, never retry
      │    ├── InsufficientBuyingPower
      │    └── DuplicateOrder
@@ -44,6 +45,10 @@ class RateLimited(TransientError):
 
 class StaleMarketData(TransientError):
     """The newest bar is older than allowed."""
+
+
+class OrderInFlight(TransientError):
+    """Another worker is submitting the same client_order_id; look again shortly."""
 
 
 class OrderRejected(TradingError):

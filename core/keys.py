@@ -42,6 +42,12 @@ class Keys:
     def halt(self) -> str:
         return self.k("halt")
 
+    def loss_halt(self, day: dt.date) -> str:
+        return self.k(f"loss_halt:{day.isoformat()}")
+
+    def reconciled(self, day: dt.date) -> str:
+        return self.k(f"reconciled:{day.isoformat()}")
+
     def order_lock(self, client_order_id: str) -> str:
         return self.k(f"lock:order:{client_order_id}")
 

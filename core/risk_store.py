@@ -49,6 +49,10 @@ class DailyLimitStore(Protocol):
 
     def reservations(self, day: dt.date) -> dict[str, int]: ...
 
+    def reservation(self, day: dt.date, client_order_id: str) -> int | None: ...
+
+    def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int: ...
+
 
 def _valid_amount(amount_cents: object) -> bool:
     return (
@@ -101,6 +105,24 @@ return tonumber(redis.call('GET', KEYS[1]) or '0')
 """
 
 
+# Overwrite some reservations with values rebuilt from the broker, then recount the total.
+_REBUILD_LUA = """
+for i = 1, #ARGV - 1, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(v) end
+redis.call('SET', KEYS[1], total)
+local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+if total > peak then redis.call('SET', KEYS[2], total) end
+local ttl = tonumber(ARGV[#ARGV])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+return total
+"""
+
+
 class RedisDailyLimitStore:
     """``daily_used_capital:<exchange date>`` counted by one Lua script per call."""
 
@@ -109,6 +131,7 @@ class RedisDailyLimitStore:
         self._keys = keys
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._adjust = redis.register_script(_ADJUST_LUA)
+        self._rebuild = redis.register_script(_REBUILD_LUA)
 
     def reserve(self, day: dt.date, client_order_id: str, amount_cents: int,
                 limit_cents: int) -> Reservation:
@@ -142,6 +165,19 @@ class RedisDailyLimitStore:
             raise ValueError(f"bad adjust amount {amount_cents!r}")
         return res
 
+    def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int:
+        """Set reservations to amounts rebuilt from the broker and recount used (cents)."""
+        for coid, amount in amounts.items():
+            if not isinstance(amount, int) or amount < 0:
+                raise ValueError(f"bad rebuilt amount for {coid}: {amount!r}")
+        k = self._keys
+        args: list[object] = []
+        for coid, amount in sorted(amounts.items()):
+            args += [coid, amount]
+        return int(self._rebuild(
+            keys=[k.used_capital(day), k.used_capital_peak(day), k.reservations(day)],
+            args=[*args, _DAY_TTL_S]))
+
     def used(self, day: dt.date) -> int:
         """Cents of today's limit in use."""
         return int(self._r.get(self._keys.used_capital(day)) or 0)
@@ -149,6 +185,11 @@ class RedisDailyLimitStore:
     def peak(self, day: dt.date) -> int:
         """Highest used value seen on ``day`` (cents)."""
         return int(self._r.get(self._keys.used_capital_peak(day)) or 0)
+
+    def reservation(self, day: dt.date, client_order_id: str) -> int | None:
+        """One order's reservation in cents (0 = released), None if never reserved."""
+        raw = self._r.hget(self._keys.reservations(day), client_order_id)
+        return None if raw is None else int(raw)
 
     def reservations(self, day: dt.date) -> dict[str, int]:
         """All reservations of ``day`` by client_order_id (cents; 0 = released)."""
@@ -197,11 +238,22 @@ class MemoryDailyLimitStore:
             res[client_order_id] = amount_cents
             return self._used[day]
 
+    def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int:
+        with self._lock:
+            res = self._res.setdefault(day, {})
+            res.update(amounts)
+            self._used[day] = sum(res.values())
+            self._peak[day] = max(self._peak.get(day, 0), self._used[day])
+            return self._used[day]
+
     def used(self, day: dt.date) -> int:
         return self._used.get(day, 0)
 
     def peak(self, day: dt.date) -> int:
         return self._peak.get(day, 0)
+
+    def reservation(self, day: dt.date, client_order_id: str) -> int | None:
+        return self._res.get(day, {}).get(client_order_id)
 
     def reservations(self, day: dt.date) -> dict[str, int]:
         return dict(self._res.get(day, {}))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from core.breaker import BreakerConfig, RedisCircuitBreaker
+from core.brokers.faults import FaultyBroker, parse_faults
 from core.brokers.simulated import FillModel, SimulatedBroker
 from core.config import Settings
 from core.decision import DecisionParams
@@ -29,6 +31,7 @@ class Runtime:
     broker: SimulatedBroker
     limits: RedisDailyLimitStore
     window: BarWindow
+    breaker: RedisCircuitBreaker
 
     @property
     def decision_params(self) -> DecisionParams:
@@ -41,6 +44,7 @@ class Runtime:
                 entry_collar_pct=s.entry_collar_pct),
             eod_close_minutes_before=s.eod_close_minutes_before,
             no_entry_minutes_before_close=s.no_entry_minutes_before_close,
+            max_position_value_cents=s.max_position_value_cents,
         )
 
     @property
@@ -73,6 +77,12 @@ def build_runtime(settings: Settings) -> Runtime:
                       latency_bars=settings.sim_latency_bars)
     starting = int(settings.sim_starting_cash * 100)
     broker = SimulatedBroker(redis, keys, replay, model, starting_cash_cents=starting)
+    faults = parse_faults(settings.sim_faults)
+    if faults:
+        broker = FaultyBroker(broker, redis, keys, faults)  # type: ignore[assignment]
+    breaker = RedisCircuitBreaker(redis, keys, BreakerConfig(
+        failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
+        cooldown_s=settings.breaker_cooldown_s))
     return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
-                   window=BarWindow(bar_store))
+                   window=BarWindow(bar_store), breaker=breaker)

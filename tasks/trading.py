@@ -7,7 +7,7 @@ from typing import Any
 from celery import chain
 from celery.utils.log import get_task_logger
 
-from core import engine
+from core import engine, execution
 from core.errors import TransientError
 from tasks.app import app
 from tasks.runtime import get_runtime
@@ -55,25 +55,25 @@ def decide(scored: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="tasks.submit_order", **_RETRY)
 def submit_order(intent: dict[str, Any]) -> dict[str, Any]:
     """Reserve capital and submit one entry, exactly once per client_order_id."""
-    return engine.submit_order(get_runtime(), intent)
+    return execution.submit_order(get_runtime(), intent)
 
 
 @app.task(name="tasks.close_position", **_RETRY)
 def close_position(intent: dict[str, Any]) -> dict[str, Any]:
     """Close one position, exactly once per client_order_id."""
-    return engine.close_position(get_runtime(), intent)
+    return execution.close_position(get_runtime(), intent)
 
 
 @app.task(name="tasks.eod_close", **_RETRY)
 def eod_close() -> dict[str, Any]:
     """Flatten inside the EOD window before the session's real close (idempotent)."""
-    return engine.eod_close(get_runtime())
+    return execution.eod_close(get_runtime())
 
 
 @app.task(name="tasks.flatten_all", **_RETRY)
 def flatten_all(reason: str = "flatten") -> dict[str, Any]:
     """Kill switch: halt entries, cancel working entries, close every position."""
-    result = engine.flatten_all(get_runtime(), reason)
+    result = execution.flatten_all(get_runtime(), reason)
     log.warning("flatten_all: %s", result)
     return result
 
@@ -81,7 +81,20 @@ def flatten_all(reason: str = "flatten") -> dict[str, Any]:
 @app.task(name="tasks.resume_trading")
 def resume_trading() -> dict[str, Any]:
     """Clear the kill switch."""
-    return engine.resume_trading(get_runtime())
+    return execution.resume_trading(get_runtime())
+
+
+@app.task(name="tasks.reconcile", **_RETRY)
+def reconcile(date: str | None = None) -> dict[str, Any]:
+    """Rebuild today's used capital and entries from the broker (start-up and periodic)."""
+    rt = get_runtime()
+    meta, _ = rt.replay.now()
+    if date is None and meta is None:
+        return {"status": "no_session"}
+    import datetime as dt
+
+    day = dt.date.fromisoformat(date) if date else meta.date  # type: ignore[union-attr]
+    return execution.reconcile(rt, day)
 
 
 @app.task(name="tasks.ping")

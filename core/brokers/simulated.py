@@ -82,6 +82,8 @@ class SimulatedBroker:
         self._model = model
         self._submit = redis.register_script(_SUBMIT_LUA)
         self._starting_cash = starting_cash_cents
+        self._positions_cache: tuple[bytes, dict[str, Position]] | None = None
+        self._parsed: dict[str, tuple[bytes, Position]] = {}
 
     # -- account set-up ---------------------------------------------------------------------
     def open_account(self) -> None:
@@ -128,6 +130,8 @@ class SimulatedBroker:
             args=[order.client_order_id, order.to_json(), "1" if status == "accepted" else "0"],
         )
         stored = Order.from_json(raw)
+        if int(new) and stored.status == "rejected" and stored.intent == "exit":
+            self._bump_exit_attempt(stored.symbol)
         if int(new):
             log.info("sim order %s", stored.status, extra={
                 "client_order_id": stored.client_order_id, "symbol": stored.symbol,
@@ -159,6 +163,8 @@ class SimulatedBroker:
             pipe = self._r.pipeline(transaction=True)
             pipe.hset(self._k.broker("orders"), client_order_id, done.to_json())
             pipe.srem(self._k.broker("open_orders"), client_order_id)
+            if order.intent == "exit":
+                self._bump_exit_attempt(order.symbol, pipe)
             pipe.execute()
             return done
 
@@ -169,6 +175,41 @@ class SimulatedBroker:
             return []
         raws = self._r.hmget(self._k.broker("orders"), ids)
         return [Order.from_json(raw) for raw in raws if raw]
+
+    def held_symbols(self) -> set[str]:
+        """Symbols with an open position (one round trip, nothing parsed)."""
+        return {k.decode() for k in self._r.hkeys(self._k.broker("positions"))}
+
+    def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
+        """Positions and open orders; positions are re-read only when they changed."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(self._k.broker("positions_version"))
+        pipe.smembers(self._k.broker("open_orders"))
+        version, open_ids = pipe.execute()
+        cached = self._positions_cache
+        if cached is not None and version is not None and cached[0] == version:
+            positions = dict(cached[1])
+        else:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.get(self._k.broker("positions_version"))
+            pipe.hgetall(self._k.broker("positions"))
+            version, raw_pos = pipe.execute()
+            positions = {}
+            parsed = {}
+            for key, raw in raw_pos.items():
+                sym = key.decode()
+                hit = self._parsed.get(sym)
+                pos = hit[1] if hit is not None and hit[0] == raw else Position.from_json(raw)
+                parsed[sym] = (raw, pos)
+                positions[sym] = pos
+            self._parsed = parsed  # only positions whose stored JSON changed were parsed
+            self._positions_cache = (version, dict(positions))
+        ids = sorted(x.decode() for x in open_ids)
+        orders = []
+        if ids:
+            orders = [Order.from_json(r) for r in self._r.hmget(self._k.broker("orders"), ids)
+                      if r]
+        return positions, orders
 
     def get_positions(self) -> dict[str, Position]:
         """Open positions by symbol."""
@@ -187,6 +228,10 @@ class SimulatedBroker:
         """client_order_ids in the order the broker accepted them (duplicates would show)."""
         return [x.decode() for x in self._r.lrange(self._k.broker("order_log"), 0, -1)]
 
+    def realized_pnl_cents(self, day: dt.date) -> int:
+        """Net P/L (cents) of the trades closed by fills in the session of ``day``."""
+        return int(self._r.get(self._k.broker(f"realized:{day.isoformat()}")) or 0)
+
     def trades(self) -> list[dict[str, object]]:
         """Closed round trips, oldest first."""
         return [json.loads(x) for x in self._r.lrange(self._k.broker("trades"), 0, -1)]
@@ -195,12 +240,17 @@ class SimulatedBroker:
     def process_bar(self, meta: SessionMeta, bar: int, row: np.ndarray) -> list[FillEvent]:
         """Fill the open orders due at bar ``bar`` of the session using its open prices."""
         events: list[FillEvent] = []
+        if not self._r.scard(self._k.broker("open_orders")):
+            return events  # the common case: nothing working, no lock, one round trip
         with self._lock():
             orders = [o for o in self.list_open_orders()
                       if o.session_date == meta.date.isoformat() and o.fill_after_bar <= bar]
             if not orders:
                 return events
-            positions = self.get_positions()
+            wanted = sorted({o.symbol for o in orders})
+            raw = self._r.hmget(self._k.broker("positions"), wanted)
+            positions = {sym: Position.from_json(r) for sym, r in zip(wanted, raw, strict=True)
+                         if r}
             index = {s: i for i, s in enumerate(meta.symbols)}
             when = meta.bar_time(bar).isoformat()
             pipe = self._r.pipeline(transaction=True)
@@ -230,12 +280,25 @@ class SimulatedBroker:
                 pipe = self._r.pipeline(transaction=True)
                 pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
                 pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+                if order.intent == "exit":
+                    self._bump_exit_attempt(order.symbol, pipe)
                 pipe.execute()
                 events.append(FillEvent(order.client_order_id, order.symbol, order.intent,
                                         "expired", 0, 0, order.session_date))
         return events
 
     # -- internals --------------------------------------------------------------------------
+    def _bump_exit_attempt(self, symbol: str, pipe=None) -> None:
+        """Count an exit of ``symbol`` that ended unfilled, so the next one gets a new id."""
+        raw = self._r.hget(self._k.broker("positions"), symbol)
+        if not raw:
+            return
+        pos = Position.from_json(raw)
+        new = Position(**{**pos.__dict__, "exit_attempt": pos.exit_attempt + 1})
+        target = pipe or self._r
+        target.hset(self._k.broker("positions"), symbol, new.to_json())
+        target.incr(self._k.broker("positions_version"))
+
     def _lock(self):
         return self._r.lock(self._k.broker("lock"), timeout=30, blocking_timeout=10)
 
@@ -264,6 +327,7 @@ class SimulatedBroker:
                 return done, self._event(done, 0, 0), 0
         fees = self._model.fees_cents(qty)
         notional = cents(price * qty)
+        pipe.incr(self._k.broker("positions_version"))
         sign = 1 if order.side == "buy" else -1
         cash_delta = -sign * notional - fees
         done = order.with_(status="filled", filled_qty=qty, filled_avg_price=str(price),
@@ -300,6 +364,7 @@ class SimulatedBroker:
                 "confidence": pos.confidence,
             }
             pipe.rpush(self._k.broker("trades"), json.dumps(trade))
+            pipe.incrby(self._k.broker(f"realized:{order.session_date}"), trade["pnl_cents"])
             remaining = pos.qty + signed
             if remaining == 0 or (remaining > 0) != (pos.qty > 0):
                 positions.pop(order.symbol, None)

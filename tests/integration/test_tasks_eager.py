@@ -132,7 +132,7 @@ def test_eod_close_outside_and_inside_the_window(eager) -> None:
     n = meta.n_bars
     run_ticks(n - 30 - 9)  # the last ten bars: inside the 10-minute window
     out = trading.eod_close.delay().get()
-    assert out["status"] == "closing"
+    assert out["status"] in ("closing", "flat") and out["failed"] == []
     run_ticks(3)
     assert rt.broker.get_positions() == {}
 

@@ -1,0 +1,341 @@
+"""The exec side: submit and close orders exactly once, end of day, kill switch, reconcile.
+
+Rules that keep real money safe:
+- every order has a deterministic client_order_id; before anything is sent the broker is
+  asked for that id, so a redelivered or retried task never submits twice;
+- capital is reserved atomically before an entry is sent, released on rejection, shrunk to
+  the filled value, and orphans (reserved, never sent) are released at the end of the day;
+- a per-order token lock keeps two workers from sending the same order at once; a busy lock
+  or a broker failure raises a TransientError so Celery retries with backoff, and the retry
+  starts with the lookup;
+- a shared circuit breaker stops new entries after repeated broker failures; exits and EOD
+  closes ignore it.
+Money in integer cents; dates are New York session dates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any
+
+from core.brokers.base import FillEvent, Order, OrderRequest, Position
+from core.brokers.simulated import cents
+from core.decision import in_eod_window, reservation_cents
+from core.errors import BrokerUnavailable, DuplicateOrder, OrderInFlight, TransientError
+from core.locks import TokenLock
+from core.orders import OrderIntent, exit_client_order_id
+from core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+_TTL_S = 4 * 24 * 3600
+_FAILED = ("cancelled", "expired", "rejected")
+
+
+def _lock(rt: Runtime, coid: str) -> TokenLock:
+    return TokenLock(rt.redis, rt.keys.order_lock(coid),
+                     ttl_ms=int(rt.settings.order_lock_ttl_s * 1000))
+
+
+def _final(rt: Runtime, intent: OrderIntent, work: Any) -> dict[str, Any]:
+    """Run ``work``; complete the bar's ledger unless the outcome is still open (retry)."""
+    try:
+        result = work()
+    except TransientError:
+        raise  # Celery retries; the retry starts with the lookup by client_order_id
+    except Exception:
+        rt.replay.complete_pending(intent.session_date, intent.bar, intent.client_order_id)
+        raise
+    rt.replay.complete_pending(intent.session_date, intent.bar, intent.client_order_id)
+    return result
+
+
+# --- entries --------------------------------------------------------------------------------
+def submit_order(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
+    """Reserve capital and submit one entry exactly once."""
+    intent = OrderIntent.model_validate(payload)
+    return _final(rt, intent, lambda: _submit_entry(rt, intent))
+
+
+def entry_refusal(rt: Runtime, intent: OrderIntent) -> str | None:
+    """Why a new entry must not be sent now (kill switch, loss halt, breaker, caps), or None."""
+    day = intent.session_date
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.exists(rt.keys.halt())
+    pipe.exists(rt.keys.loss_halt(day))
+    pipe.exists(rt.keys.reconciled(day))
+    halted, loss_halted, reconciled = pipe.execute()
+    if halted:
+        return "halted"
+    if loss_halted:
+        return "daily_loss_limit"
+    if not reconciled:
+        return "not_reconciled"
+    if reservation_cents(intent) > rt.settings.max_position_value_cents:
+        return "max_position_value"
+    if not rt.breaker.allow():
+        return "breaker_open"
+    return None
+
+
+def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
+    coid = intent.client_order_id
+    base = {"client_order_id": coid, "symbol": intent.symbol}
+    if intent.intent != "entry" or intent.qty <= 0 or intent.limit_price is None:
+        return {**base, "status": "invalid", "reason": "submit_order takes sized entries only"}
+    existing = rt.broker.get_order_by_client_id(coid)
+    if existing is not None:
+        return {**base, "status": "exists", "order_status": existing.status}
+    refusal = entry_refusal(rt, intent)
+    if refusal:
+        log.info("entry refused: %s", refusal, extra=base)
+        return {**base, "status": "refused", "reason": refusal}
+    lock = _lock(rt, coid)
+    if not lock.acquire():
+        raise OrderInFlight(coid)
+    try:
+        existing = rt.broker.get_order_by_client_id(coid)
+        if existing is not None:
+            return {**base, "status": "exists", "order_status": existing.status}
+        day = intent.session_date
+        res = rt.limits.reserve(day, coid, reservation_cents(intent),
+                                rt.settings.daily_limit_cents)
+        if not res.ok:
+            log.info("entry refused by the daily limit", extra={
+                **base, "reserve_status": res.status, "used_cents": res.used_cents})
+            return {**base, "status": "refused", "reason": res.status}
+        order = _send(rt, OrderRequest(
+            client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
+            order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
+            intent="entry", reason=intent.reason, strategy=intent.strategy,
+            confidence=intent.confidence))
+        if order.status == "rejected":
+            rt.limits.adjust(day, coid, 0)
+            log.warning("entry rejected by the broker: %s", order.status_reason, extra=base)
+            return {**base, "status": "rejected", "reason": order.status_reason}
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.sadd(rt.keys.entries(day), f"{intent.symbol}:{intent.side}")
+        pipe.expire(rt.keys.entries(day), _TTL_S)
+        pipe.execute()
+        return {**base, "status": order.status, "qty": order.qty}
+    finally:
+        lock.release()
+
+
+def _send(rt: Runtime, request: OrderRequest) -> Order:
+    """Submit; an unknown outcome re-raises (retry looks up), a duplicate id is looked up."""
+    try:
+        order = rt.broker.submit_order(request)
+    except DuplicateOrder:
+        found = rt.broker.get_order_by_client_id(request.client_order_id)
+        if found is None:
+            rt.breaker.record_failure()
+            raise BrokerUnavailable(
+                f"duplicate reported for {request.client_order_id} but not found") from None
+        order = found
+    except BrokerUnavailable:
+        state = rt.breaker.record_failure()
+        log.warning("broker failure (breaker %s)", state,
+                    extra={"client_order_id": request.client_order_id})
+        raise
+    rt.breaker.record_success()
+    return order
+
+
+# --- exits ----------------------------------------------------------------------------------
+def close_position(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
+    """Close one position exactly once (exits ignore the breaker and the kill switch)."""
+    intent = OrderIntent.model_validate(payload)
+    return _final(rt, intent,
+                  lambda: close_symbol(rt, intent.symbol, intent.client_order_id, intent.reason))
+
+
+def close_symbol(rt: Runtime, symbol: str, coid: str, reason: str) -> dict[str, Any]:
+    """Send the order that closes ``symbol``'s whole position, once per client_order_id."""
+    base = {"client_order_id": coid, "symbol": symbol}
+    existing = rt.broker.get_order_by_client_id(coid)
+    if existing is not None:
+        return {**base, "status": "exists", "order_status": existing.status}
+    lock = _lock(rt, coid)
+    if not lock.acquire():
+        raise OrderInFlight(coid)
+    try:
+        existing = rt.broker.get_order_by_client_id(coid)
+        if existing is not None:
+            return {**base, "status": "exists", "order_status": existing.status}
+        try:
+            order = rt.broker.close_position(symbol, coid, reason)
+        except BrokerUnavailable:
+            rt.breaker.record_failure()
+            raise
+        if order is None:
+            return {**base, "status": "flat"}
+        return {**base, "status": order.status, "reason": order.status_reason or reason}
+    finally:
+        lock.release()
+
+
+def exit_attempts(rt: Runtime, pos: Position) -> int:
+    """Exit orders already used for this position (a failed exit gets a fresh id)."""
+    attempt = 0
+    while attempt < 99:
+        order = rt.broker.get_order_by_client_id(
+            exit_client_order_id(pos.entry_client_order_id, attempt + 1))
+        if order is None or order.status in ("accepted", "filled"):
+            return attempt
+        attempt += 1
+    return attempt
+
+
+# --- fills and reservations -------------------------------------------------------------------
+def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
+    """Make each entry's reservation follow its fill: shrink to the filled value, or release."""
+    for ev in events:
+        if ev.intent != "entry":
+            continue
+        day = dt.date.fromisoformat(ev.session_date)
+        reserved = rt.limits.reservation(day, ev.client_order_id)
+        if reserved is None:
+            log.error("fill without reservation", extra={"client_order_id": ev.client_order_id})
+            continue
+        target = min(ev.notional_cents, reserved) if ev.status == "filled" else 0
+        if ev.status == "filled" and ev.notional_cents > reserved:
+            log.error("fill value above its reservation", extra={
+                "client_order_id": ev.client_order_id, "filled_cents": ev.notional_cents,
+                "reserved_cents": reserved})
+        if target < reserved:
+            rt.limits.adjust(day, ev.client_order_id, target)
+
+
+def release_orphans(rt: Runtime, day: dt.date) -> list[str]:
+    """Release reservations whose order never reached the broker or ended unfilled."""
+    released = []
+    for coid, amount in rt.limits.reservations(day).items():
+        if amount <= 0:
+            continue
+        order = rt.broker.get_order_by_client_id(coid)
+        if order is None or order.status in _FAILED:
+            rt.limits.adjust(day, coid, 0)
+            released.append(coid)
+    if released:
+        log.warning("released %d reservations without a filled order", len(released),
+                    extra={"date": day.isoformat(), "client_order_ids": ",".join(released)})
+    return released
+
+
+def reconcile(rt: Runtime, day: dt.date) -> dict[str, Any]:
+    """Rebuild today's used capital and entries from the broker (the source of truth).
+
+    Adds what the broker knows and Redis lost, and frees reservations of orders that ended
+    unfilled; reservations of orders still being sent are left alone.
+    """
+    orders = [o for o in rt.broker.all_orders()
+              if o.session_date == day.isoformat() and o.intent == "entry"]
+    current = rt.limits.reservations(day)
+    fixes: dict[str, int] = {}
+    for o in orders:
+        have = current.get(o.client_order_id)
+        if o.status == "filled":
+            value = cents(_decimal(o.filled_avg_price) * o.filled_qty)
+            want = value if have is None else min(have, value)
+        elif o.status == "accepted":
+            want = have if have is not None else _order_value(o)
+        else:
+            want = 0
+        if want != have:
+            fixes[o.client_order_id] = want
+    used = rt.limits.rebuild(day, fixes)
+    entered = {f"{o.symbol}:{o.side}" for o in orders if o.status != "rejected"}
+    pipe = rt.redis.pipeline(transaction=True)
+    if entered:
+        pipe.sadd(rt.keys.entries(day), *entered)
+        pipe.expire(rt.keys.entries(day), _TTL_S)
+    pipe.set(rt.keys.reconciled(day), json.dumps({"at": time.time(), "fixed": len(fixes)}),
+             ex=_TTL_S)
+    pipe.execute()
+    if fixes:
+        log.warning("reconcile corrected %d reservations", len(fixes),
+                    extra={"date": day.isoformat(), "used_cents": used})
+    return {"date": day.isoformat(), "orders": len(orders), "fixed": len(fixes),
+            "used_cents": used}
+
+
+def _decimal(value: str | None):
+    from decimal import Decimal
+
+    return Decimal(value or "0")
+
+
+def _order_value(order: Order) -> int:
+    from core.risk import position_value_cents
+
+    price = _decimal(order.limit_price) if order.limit_price else _decimal("0")
+    return position_value_cents(order.qty, price)
+
+
+# --- end of day and kill switch ---------------------------------------------------------------
+def is_halted(rt: Runtime) -> bool:
+    """True while the kill switch is engaged."""
+    return bool(rt.redis.exists(rt.keys.halt()))
+
+
+def close_all(rt: Runtime, reason: str) -> dict[str, Any]:
+    """Cancel working entries (releasing their capital) and close every position.
+
+    A symbol whose close fails is tried once more with a fresh exit id; what still fails is
+    reported so the caller (beat fires EOD again) keeps trying.
+    """
+    cancelled = []
+    for order in rt.broker.list_open_orders():
+        if order.intent == "entry":
+            done = rt.broker.cancel_order(order.client_order_id)
+            if done is not None and done.status == "cancelled":
+                cancelled.append(order.client_order_id)
+                apply_fill_events(rt, [FillEvent(order.client_order_id, order.symbol, "entry",
+                                                 "cancelled", 0, 0, order.session_date)])
+    closing: dict[str, str] = {}
+    failed: list[str] = []
+    for symbol, pos in sorted(rt.broker.get_positions().items()):
+        for _ in range(2):
+            coid = exit_client_order_id(pos.entry_client_order_id, exit_attempts(rt, pos) + 1)
+            try:
+                closing[symbol] = close_symbol(rt, symbol, coid, reason)["status"]
+                break
+            except TransientError as exc:
+                log.warning("close failed, escalating: %s", exc, extra={"symbol": symbol})
+        else:
+            failed.append(symbol)
+    return {"cancelled": cancelled, "closing": closing, "failed": failed}
+
+
+def eod_close(rt: Runtime) -> dict[str, Any]:
+    """Inside the EOD window of the session's real close: flatten (idempotent)."""
+    meta, bar = rt.replay.now()
+    if meta is None:
+        return {"status": "no_session"}
+    decision_time = meta.bar_time(max(bar, 0)) + dt.timedelta(seconds=meta.bar_seconds)
+    if decision_time >= meta.close_time:
+        return {"status": "closed", "date": meta.date.isoformat()}
+    if not in_eod_window(decision_time, meta.close_time, rt.settings.eod_close_minutes_before):
+        return {"status": "outside_window", "date": meta.date.isoformat(), "bar": bar}
+    result = close_all(rt, "eod")
+    flat = not rt.broker.get_positions()
+    return {"status": "flat" if flat else "closing", "date": meta.date.isoformat(), "bar": bar,
+            **result}
+
+
+def flatten_all(rt: Runtime, reason: str = "flatten") -> dict[str, Any]:
+    """Kill switch: halt new entries until resumed, cancel entries, close every position."""
+    rt.redis.set(rt.keys.halt(), json.dumps({"reason": reason, "at": time.time()}))
+    log.warning("kill switch engaged: flattening", extra={"reason": reason})
+    result = close_all(rt, reason)
+    return {"status": "halted", **result, "positions_left": sorted(rt.broker.get_positions())}
+
+
+def resume_trading(rt: Runtime) -> dict[str, Any]:
+    """Clear the kill switch so entries may resume."""
+    cleared = bool(rt.redis.delete(rt.keys.halt()))
+    log.warning("kill switch cleared" if cleared else "resume: was not halted")
+    return {"status": "resumed" if cleared else "not_halted"}
