@@ -241,7 +241,8 @@ def reconcile(rt: Runtime, day: dt.date) -> dict[str, Any]:
             value = cents(_decimal(o.filled_avg_price) * o.filled_qty)
             want = value if have is None else min(have, value)
         elif o.status == "accepted":
-            want = have if have is not None else _order_value(o)
+            want = have if have is not None else _order_value(
+                o, rt.settings.entry_collar_pct)
         else:
             want = 0
         if want != have:
@@ -268,10 +269,22 @@ def _decimal(value: str | None):
     return Decimal(value or "0")
 
 
-def _order_value(order: Order) -> int:
+def _order_value(order: Order, collar_pct: float) -> int:
+    """Conservative value (cents) of a working entry whose reservation was lost.
+
+    A buy is capped by its limit. A short's limit sits one collar below the reference price,
+    so its value is bounded by the mirror above it: about limit x (1 + c) / (1 - c), with c
+    the entry collar; this estimate never undercounts.
+    """
+    from decimal import ROUND_CEILING, Decimal
+
     from core.risk import position_value_cents
 
     price = _decimal(order.limit_price) if order.limit_price else _decimal("0")
+    if order.side == "sell":
+        collar = Decimal(repr(collar_pct))
+        price = (price * (1 + collar) / (1 - collar)).quantize(Decimal("0.0001"),
+                                                              rounding=ROUND_CEILING)
     return position_value_cents(order.qty, price)
 
 
