@@ -151,10 +151,22 @@ def _refuse_if_busy(url: str) -> None:
                           "TRADING_REDIS_URL at another database")
 
 
-def _wait(rt: Any, cluster: Any, stall_timeout: float, quiet: bool) -> bool:
+def _wait(rt: Any, cluster: Any, stall_timeout: float, quiet: bool,
+          max_restarts: int = 5) -> bool:
+    """Follow the replay to its end, restarting crashed processes like a supervisor."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     last, last_change = None, time.monotonic()
     while True:
-        st = rt.replay.state()
+        try:
+            st = rt.replay.state()
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() - last_change > stall_timeout:
+                print(f"\nRedis unreachable for {stall_timeout:.0f} s", file=sys.stderr)
+                return False
+            time.sleep(0.5)  # Redis restarting: the workers reconnect, so do we
+            continue
         if st.finished:
             if not quiet:
                 print(file=sys.stderr)
@@ -166,11 +178,13 @@ def _wait(rt: Any, cluster: Any, stall_timeout: float, quiet: bool) -> bool:
             print(f"\nno progress for {stall_timeout:.0f} s at day {st.day} bar {st.bar}; "
                   f"see {cluster.log_dir}", file=sys.stderr)
             return False
-        dead = cluster.dead()
-        if dead:
-            print(f"\nprocess exited early: {', '.join(dead)}; see {cluster.log_dir}",
-                  file=sys.stderr)
-            return False
+        for name in cluster.dead():
+            if cluster.restarts >= max_restarts:
+                print(f"\n{name} keeps exiting ({cluster.restarts} restarts); "
+                      f"see {cluster.log_dir}", file=sys.stderr)
+                return False
+            print(f"\n{name} exited; restarting it (see {cluster.log_dir})", file=sys.stderr)
+            cluster.restart(name)
         if not quiet and st.date is not None:
             days = rt.replay.days()
             n = days[st.day].n_bars

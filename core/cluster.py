@@ -119,9 +119,12 @@ class Cluster:
     env: dict[str, str]
     log_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: int = 0
+    _args: dict[str, list[str]] = field(default_factory=dict)
     _state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dt-beat-")))
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self._args[name] = args
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
@@ -151,6 +154,14 @@ class Cluster:
     def dead(self) -> list[str]:
         """Names of processes that exited."""
         return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def restart(self, name: str) -> None:
+        """Start a process again with its original command (what a supervisor does)."""
+        proc = self.procs.get(name)
+        log.warning("%s exited with %s; restarting it", name,
+                    proc.returncode if proc is not None else "a stop")
+        self.restarts += 1
+        self._spawn(name, self._args[name])
 
     def stop(self, name: str | None = None, timeout: float = 15.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL after ``timeout`` seconds."""

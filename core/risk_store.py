@@ -62,29 +62,30 @@ def _valid_amount(amount_cents: object) -> bool:
     )
 
 
+# Four Redis calls on the hot path. The peak is not written here: used only grows in this
+# script, so the peak is max(peak key, used), and the peak key is raised before any decrease.
 _RESERVE_LUA = """
 local amount = ARGV[2]
 if not string.match(amount, '^[1-9][0-9]*$') or string.len(amount) > 15 then
   return {'invalid', 0, tonumber(redis.call('GET', KEYS[1]) or '0')}
 end
 local a = tonumber(amount)
-local limit = tonumber(ARGV[3])
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local existing = redis.call('HGET', KEYS[3], ARGV[1])
 if existing then
   local e = tonumber(existing)
   if e == 0 then return {'released', 0, used} end
   return {'exists', e, used}
 end
-if used + a > limit then return {'limit', 0, used} end
+if used + a > tonumber(ARGV[3]) then return {'limit', 0, used} end
 local new = redis.call('INCRBY', KEYS[1], a)
-redis.call('HSET', KEYS[3], ARGV[1], a)
-local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
-if new > peak then redis.call('SET', KEYS[2], new) end
-local ttl = tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('HSET', KEYS[2], ARGV[1], a)
+if used == 0 then
+  -- the day's first reservation (or the first after all were released): set the expiry once
+  local ttl = tonumber(ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 return {'reserved', a, new}
 """
 
@@ -98,6 +99,9 @@ local e = tonumber(existing)
 local a = tonumber(amount)
 if a > e then return -3 end
 if a < e then
+  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local peak = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if used > peak then redis.call('SET', KEYS[3], used, 'EX', tonumber(ARGV[3])) end
   redis.call('DECRBY', KEYS[1], e - a)
   redis.call('HSET', KEYS[2], ARGV[1], a)
 end
@@ -141,7 +145,7 @@ class RedisDailyLimitStore:
             return Reservation("invalid", 0, used_now)
         k = self._keys
         status, amount, used = self._reserve(
-            keys=[k.used_capital(day), k.used_capital_peak(day), k.reservations(day)],
+            keys=[k.used_capital(day), k.reservations(day)],
             args=[client_order_id, str(amount_cents), str(int(limit_cents)), _DAY_TTL_S],
         )
         status = status.decode() if isinstance(status, bytes) else status
@@ -155,8 +159,9 @@ class RedisDailyLimitStore:
         if not isinstance(amount_cents, int) or amount_cents < 0:
             raise ValueError(f"bad adjust amount {amount_cents!r}")
         k = self._keys
-        res = int(self._adjust(keys=[k.used_capital(day), k.reservations(day)],
-                               args=[client_order_id, str(amount_cents)]))
+        res = int(self._adjust(
+            keys=[k.used_capital(day), k.reservations(day), k.used_capital_peak(day)],
+            args=[client_order_id, str(amount_cents), _DAY_TTL_S]))
         if res == -2:
             raise ValueError(f"no reservation for {client_order_id}")
         if res == -3:
@@ -184,7 +189,11 @@ class RedisDailyLimitStore:
 
     def peak(self, day: dt.date) -> int:
         """Highest used value seen on ``day`` (cents)."""
-        return int(self._r.get(self._keys.used_capital_peak(day)) or 0)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(self._keys.used_capital_peak(day))
+        pipe.get(self._keys.used_capital(day))
+        peak, used = pipe.execute()
+        return max(int(peak or 0), int(used or 0))
 
     def reservation(self, day: dt.date, client_order_id: str) -> int | None:
         """One order's reservation in cents (0 = released), None if never reserved."""

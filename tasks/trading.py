@@ -6,6 +6,8 @@ from typing import Any
 
 from celery import chain
 from celery.utils.log import get_task_logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import engine, execution
 from core.errors import TransientError
@@ -14,8 +16,11 @@ from tasks.runtime import get_runtime
 
 log = get_task_logger(__name__)
 
-_RETRY = {"autoretry_for": (TransientError,), "retry_backoff": True, "retry_backoff_max": 30,
-          "max_retries": 5, "retry_jitter": True}
+# Retry only what may succeed later: our transient errors and a Redis that is restarting.
+# Rejections and bad payloads are final.
+_RETRY = {"autoretry_for": (TransientError, RedisConnectionError, RedisTimeoutError),
+          "retry_backoff": True, "retry_backoff_max": 30, "max_retries": 5,
+          "retry_jitter": True}
 
 
 class CeleryDispatcher:
@@ -46,7 +51,7 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
     return engine.score(get_runtime(), payload)
 
 
-@app.task(name="tasks.decide")
+@app.task(name="tasks.decide", **_RETRY)
 def decide(scored: dict[str, Any]) -> dict[str, Any]:
     """Turn a scored bar into order tasks."""
     return engine.decide_bar(get_runtime(), DISPATCHER, scored)
