@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     sim_settle_timeout_s: float = Field(30.0, gt=0)
 
     sim_faults: str = ""
+    sim_hard_to_borrow: Annotated[tuple[str, ...] | None, NoDecode] = None
+    sim_margin_multiplier: int = Field(4, ge=1, le=4)
 
     # --- order path ----------------------------------------------------------------------
     broker_timeout_s: float = Field(10.0, gt=0, le=120)
@@ -104,7 +106,7 @@ class Settings(BaseSettings):
     flower_password: SecretStr | None = None
     flower_port: int = Field(5555, ge=1, le=65535)
 
-    @field_validator("symbols", "sim_symbols", mode="before")
+    @field_validator("symbols", "sim_symbols", "sim_hard_to_borrow", mode="before")
     @classmethod
     def _split_symbols(cls, value: object) -> object:
         if isinstance(value, str):

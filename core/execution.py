@@ -92,6 +92,11 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
     if refusal:
         log.info("entry refused: %s", refusal, extra=base)
         return {**base, "status": "refused", "reason": refusal}
+    request = OrderRequest(
+        client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
+        order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
+        intent="entry", reason=intent.reason, strategy=intent.strategy,
+        confidence=intent.confidence)
     lock = _lock(rt, coid)
     if not lock.acquire():
         raise OrderInFlight(coid)
@@ -99,6 +104,10 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
         existing = rt.broker.get_order_by_client_id(coid)
         if existing is not None:
             return {**base, "status": "exists", "order_status": existing.status}
+        broker_says = rt.broker.entry_check(request)
+        if broker_says:
+            log.info("entry refused before sending: %s", broker_says, extra=base)
+            return {**base, "status": "refused", "reason": broker_says}
         day = intent.session_date
         res = rt.limits.reserve(day, coid, reservation_cents(intent),
                                 rt.settings.daily_limit_cents)
@@ -106,11 +115,7 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
             log.info("entry refused by the daily limit", extra={
                 **base, "reserve_status": res.status, "used_cents": res.used_cents})
             return {**base, "status": "refused", "reason": res.status}
-        order = _send(rt, OrderRequest(
-            client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
-            order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
-            intent="entry", reason=intent.reason, strategy=intent.strategy,
-            confidence=intent.confidence))
+        order = _send(rt, request)
         if order.status == "rejected":
             rt.limits.adjust(day, coid, 0)
             log.warning("entry rejected by the broker: %s", order.status_reason, extra=base)

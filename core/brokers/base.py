@@ -142,3 +142,8 @@ class Broker(Protocol):
     def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
         """Close the whole position at market; None when there is nothing to close."""
         ...
+
+    def entry_check(self, request: OrderRequest) -> str | None:
+        """Why the broker would reject this entry (buying power, not shortable, halted, wash
+        trade), or None."""
+        ...

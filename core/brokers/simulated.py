@@ -75,13 +75,16 @@ class SimulatedBroker:
     """A broker with its account (cash, positions, orders, fills, trades) in Redis."""
 
     def __init__(self, redis: Redis, keys: Keys, replay: RedisReplay, model: FillModel,
-                 starting_cash_cents: int = 10_000_000) -> None:
+                 starting_cash_cents: int = 10_000_000, margin_multiplier: int = 4,
+                 hard_to_borrow: frozenset[str] = frozenset()) -> None:
         self._r = redis
         self._k = keys
         self._replay = replay
         self._model = model
         self._submit = redis.register_script(_SUBMIT_LUA)
         self._starting_cash = starting_cash_cents
+        self._margin = margin_multiplier
+        self._htb = hard_to_borrow
         self._positions_cache: tuple[bytes, dict[str, Position]] | None = None
         self._parsed: dict[str, tuple[bytes, Position]] = {}
 
@@ -109,8 +112,10 @@ class SimulatedBroker:
             status, reason = "rejected", "market closed: no bar left to fill in this session"
         elif request.order_type == "limit" and not _positive(request.limit_price):
             status, reason = "rejected", "limit order needs a positive limit price"
-        elif request.intent == "entry" and self._conflicts(request):
-            status, reason = "rejected", "opposite-side position open (wash trade)"
+        elif request.intent == "entry":
+            refusal = self.entry_check(request)
+            if refusal:
+                status, reason = "rejected", refusal
         session = meta.date.isoformat() if meta else ""
         submitted = (meta.bar_time(bar + 1).isoformat() if meta and bar >= 0
                      else meta.open_time.isoformat() if meta else "")
@@ -137,6 +142,39 @@ class SimulatedBroker:
                 "client_order_id": stored.client_order_id, "symbol": stored.symbol,
                 "reason": stored.status_reason})
         return stored
+
+    def entry_check(self, request: OrderRequest) -> str | None:
+        """Why the broker would reject this entry (wash trade, not shortable, halted, buying
+        power), or None. Execution asks before reserving capital."""
+        meta, bar = self._replay.now()
+        if meta is None:
+            return "market closed: no replay session is running"
+        if self._conflicts(request):
+            return "opposite-side position open (wash trade)"
+        if request.side == "sell" and request.symbol in self._htb:
+            return f"{request.symbol} is not shortable (hard to borrow)"
+        if request.symbol in meta.symbols and bar >= 0:
+            close = self._replay.row(meta, bar)[meta.symbols.index(request.symbol), 3]
+            if not (math.isfinite(close) and close > 0):
+                return f"{request.symbol} is not trading (halted or no quote)"
+        price = Decimal(request.limit_price) if _positive(request.limit_price) else None
+        if price is not None and cents(price * request.qty) > self.buying_power_cents():
+            return "insufficient buying power"
+        return None
+
+    def buying_power_cents(self) -> int:
+        """Intraday buying power: equity x margin less what positions and working entries use.
+
+        Equity is approximated by cash plus the cost of open longs less short proceeds
+        (positions at their entry price), in cents.
+        """
+        positions, orders = self.snapshot()
+        exposure = sum(cents(p.avg * abs(p.qty)) for p in positions.values())
+        signed_cost = sum(cents(p.avg * p.qty) for p in positions.values())
+        working = sum(cents(Decimal(o.limit_price) * o.qty) for o in orders
+                      if o.intent == "entry" and o.limit_price)
+        equity = self.cash_cents() + signed_cost
+        return equity * self._margin - exposure - working
 
     def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
         """Submit a market order that closes the whole position at fill time (None if flat)."""

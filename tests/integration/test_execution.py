@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
+import numpy as np
 import pytest
 
 from core import execution
@@ -163,3 +164,65 @@ def test_flatten_twice_and_eod_together_end_flat_never_flipped(make_rt) -> None:
     trades = rt.broker.trades()
     assert len(trades) == 3 and {t["qty"] for t in trades} == {3}
     assert execution.is_halted(rt)
+
+
+def test_entries_the_broker_would_reject_are_refused_before_reserving(make_rt) -> None:
+    rt = make_rt(sim_hard_to_borrow="SYN001", sim_starting_cash="1000",
+                 sim_margin_multiplier=1)
+    day = rt.replay.days()[0].date
+    short = execution.submit_order(rt, entry(rt, 1, side="sell"))
+    assert short["status"] == "refused" and "not shortable" in short["reason"]
+    price = float(entry(rt, 2)["limit_price"])
+    qty = int(3000 / price) + 1  # about $3,000: within the $5,000 caps, over $1,000 of power
+    big = execution.submit_order(rt, entry(rt, 2, qty=qty))
+    assert big["status"] == "refused" and big["reason"] == "insufficient buying power"
+    assert rt.limits.used(day) == 0 and rt.broker.order_log() == []
+
+
+def test_halted_symbol_is_refused(make_rt, redis_client) -> None:
+    rt = make_rt()
+    meta, bar = rt.replay.now()
+    # the symbol has no bar now: treat it as halted
+    row = rt.replay.row(meta, bar).copy()
+    row[3, :] = np.nan
+    redis_client.setrange(rt.keys.replay_data(meta.date), bar * meta.row_bytes,
+                          row.astype("<f8").tobytes())
+    out = execution.submit_order(rt, entry_for_symbol_with_price(rt, 3))
+    assert out["status"] == "refused" and "not trading" in out["reason"]
+    assert rt.broker.order_log() == []
+
+
+def entry_for_symbol_with_price(rt, index: int) -> dict:
+    meta, bar = rt.replay.now()
+    sym = meta.symbols[index]
+    return OrderIntent(
+        client_order_id=entry_client_order_id("orb", sym, meta.bar_time(bar), "buy"),
+        symbol=sym, side="buy", qty=1, intent="entry", reason="orb", strategy="orb",
+        ref_price="10.0000", limit_price="10.0500", session_date=meta.date,
+        bar=bar).model_dump(mode="json")
+
+
+def test_daily_loss_limit_halts_entries_for_the_day(make_rt) -> None:
+    from core import engine
+
+    rt = make_rt(daily_loss_limit="1")
+    meta, _ = rt.replay.now()
+    execution.submit_order(rt, entry(rt, 0, qty=50))
+    st = rt.replay.state()
+    adv = rt.replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), 0.0)
+    rt.broker.process_bar(meta, adv.bar, adv.row)
+    rt.replay.settle(meta.date, adv.bar)
+    pos = rt.broker.get_positions()[meta.symbols[0]]
+    losing_mark = float(pos.avg) * 0.995  # 0.5 % down on 50 shares: more than $1
+
+    class NoDispatch:
+        def score(self, payload): ...
+        def submit_order(self, intent): ...
+        def close_position(self, intent): ...
+
+    scored = {"date": meta.date.isoformat(), "bar": adv.bar, "signals": [],
+              "marks": {pos.symbol: losing_mark}}
+    engine.decide_bar(rt, NoDispatch(), scored)
+    assert rt.redis.exists(rt.keys.loss_halt(meta.date))
+    refused = execution.submit_order(rt, entry(rt, 4))
+    assert refused["reason"] == "daily_loss_limit"

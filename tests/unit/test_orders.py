@@ -171,3 +171,18 @@ def test_intent_is_frozen() -> None:
     with pytest.raises(ValidationError):
         intent.qty = 11  # type: ignore[misc]
     assert intent.qty == 10
+
+
+def test_exchange_date_is_the_new_york_date() -> None:
+    import datetime as dt
+
+    from core.calendar import exchange_date
+
+    utc = dt.UTC
+    # 21:30 ET on 2024-06-03 is already 01:30 UTC on 06-04: still the 3rd in New York
+    assert exchange_date(dt.datetime(2024, 6, 4, 1, 30, tzinfo=utc)) == dt.date(2024, 6, 3)
+    # the DST change: 2024-03-10 02:00 ET; 2024-03-11 03:59 UTC is 23:59 ET on the 10th
+    assert exchange_date(dt.datetime(2024, 3, 11, 3, 59, tzinfo=utc)) == dt.date(2024, 3, 10)
+    assert exchange_date(dt.datetime(2024, 11, 4, 4, 59, tzinfo=utc)) == dt.date(2024, 11, 3)
+    with pytest.raises(ValueError):
+        exchange_date(dt.datetime(2024, 6, 3, 12, 0))
