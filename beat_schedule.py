@@ -1,7 +1,9 @@
-"""Beat entries: the per-bar tick (with ``expires`` so a late tick is dropped) and the EOD task.
+"""Beat entries: the per-bar tick (with ``expires`` so a late tick is dropped), the EOD task
+and the periodic reconciliation with the broker.
 
 The EOD task fires often and acts only inside ``EOD_CLOSE_MINUTES_BEFORE`` of that day's real
-close, so early closes need no special schedule.
+close, so early closes need no special schedule. Reconcile runs every
+``RECONCILE_SECONDS`` (in simulated mode every 30 bars of wall time).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from core.config import Settings
 def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule for these settings (intervals in wall seconds)."""
     tick = settings.bar_interval_s
+    sim = settings.mode == "sim"
+    reconcile = max(tick * 30.0, 5.0) if sim else settings.reconcile_seconds
     return {
         "tick": {
             "task": "tasks.tick",
@@ -22,7 +26,12 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "eod-close": {
             "task": "tasks.eod_close",
-            "schedule": max(tick * 2.0, 0.5) if settings.mode == "sim" else 30.0,
-            "options": {"expires": max(tick * 4.0, 2.0) if settings.mode == "sim" else 30.0},
+            "schedule": max(tick * 2.0, 0.5) if sim else 30.0,
+            "options": {"expires": max(tick * 4.0, 2.0) if sim else 30.0},
+        },
+        "reconcile": {
+            "task": "tasks.reconcile",
+            "schedule": reconcile,
+            "options": {"expires": reconcile},
         },
     }
