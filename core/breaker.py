@@ -77,7 +77,9 @@ class BreakerState:
 
 # KEYS: hash, probe. ARGV: now, cooldown_s, probe deadline (now + cooldown_s), lease (ms).
 _ALLOW_LUA = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 1 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false then return 2 end  -- no state at all: closed and no failure on record
+if state ~= 'open' then return 1 end
 local now = tonumber(ARGV[1])
 local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
 if now < opened + tonumber(ARGV[2]) then return 0 end
@@ -167,6 +169,7 @@ class RedisCircuitBreaker:
         self._failure = redis.register_script(_FAILURE_LUA)
         self._success = redis.register_script(_SUCCESS_LUA)
         self._state = redis.register_script(_STATE_LUA)
+        self.clean = False
         # The state must outlive a cooldown and the failure window, whatever they are set to.
         self._state_ttl_ms = _ms(max(_STATE_TTL_S, 2 * (config.cooldown_s + config.window_s)))
         self._failures_ttl_ms = _ms(config.window_s + 1.0)
@@ -179,12 +182,18 @@ class RedisCircuitBreaker:
         return repr(float(self._clock()))
 
     def allow(self) -> bool:
-        """May a new entry go to the broker now? Half-open: True for the one probe only."""
+        """May a new entry go to the broker now? Half-open: True for the one probe only.
+
+        Sets ``clean`` when nothing is on record (closed, no failures), so the caller can
+        skip ``record_success`` on the hot path.
+        """
         now = float(self._clock())
         cooldown = float(self._cfg.cooldown_s)
-        return bool(self._allow(keys=[self.key, self.probe_key],
-                                args=[repr(now), repr(cooldown), repr(now + cooldown),
-                                      _ms(cooldown)]))
+        res = int(self._allow(keys=[self.key, self.probe_key],
+                              args=[repr(now), repr(cooldown), repr(now + cooldown),
+                                    _ms(cooldown)]))
+        self.clean = res == 2
+        return res > 0
 
     def record_failure(self) -> str:
         """Count one broker failure now; returns the new state ('closed' or 'open')."""

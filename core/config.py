@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     sim_faults: str = ""
     sim_hard_to_borrow: Annotated[tuple[str, ...] | None, NoDecode] = None
     sim_margin_multiplier: int = Field(4, ge=1, le=4)
+    # fraction of a bar's volume one simulated order may fill (None: no cap; partial fills)
+    sim_max_participation: float | None = Field(None, gt=0, le=1)
 
     # --- order path ----------------------------------------------------------------------
     broker_timeout_s: float = Field(10.0, gt=0, le=120)
@@ -95,6 +97,8 @@ class Settings(BaseSettings):
     breaker_window_s: float = Field(60.0, gt=0)
     breaker_cooldown_s: float = Field(30.0, gt=0)
     reconcile_seconds: float = Field(300.0, gt=0)
+    # send each entry with its stop-loss attached (OTO), so the stop rests at the broker
+    protective_stop: bool = False
 
     # --- Celery --------------------------------------------------------------------------
     tick_seconds: float = Field(60.0, gt=0, le=3600)

@@ -92,11 +92,19 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
     if refusal:
         log.info("entry refused: %s", refusal, extra=base)
         return {**base, "status": "refused", "reason": refusal}
+    stop = None
+    if rt.settings.protective_stop:  # the stop-loss travels with the entry (OTO) to the broker
+        from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+        pct = Decimal(repr(float(rt.settings.stop_loss_pct)))
+        buy = intent.side == "buy"
+        stop = str((Decimal(intent.ref_price) * (1 - pct if buy else 1 + pct)).quantize(
+            Decimal("0.0001"), rounding=ROUND_FLOOR if buy else ROUND_CEILING))
     request = OrderRequest(
         client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
         order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
         intent="entry", reason=intent.reason, strategy=intent.strategy,
-        confidence=intent.confidence)
+        confidence=intent.confidence, stop_price=stop)
     lock = _lock(rt, coid)
     if not lock.acquire():
         raise OrderInFlight(coid)
@@ -145,7 +153,8 @@ def _send(rt: Runtime, request: OrderRequest) -> Order:
         log.warning("broker failure (breaker %s)", state,
                     extra={"client_order_id": request.client_order_id})
         raise
-    rt.breaker.record_success()
+    if not rt.breaker.clean:
+        rt.breaker.record_success()  # only when something is on record: saves a round trip
     return order
 
 
@@ -188,7 +197,7 @@ def exit_attempts(rt: Runtime, pos: Position) -> int:
     while attempt < 99:
         order = rt.broker.get_order_by_client_id(
             exit_client_order_id(pos.entry_client_order_id, attempt + 1))
-        if order is None or order.status in ("accepted", "filled"):
+        if order is None or order.status in ("accepted", "partially_filled", "filled"):
             return attempt
         attempt += 1
     return attempt
@@ -196,17 +205,22 @@ def exit_attempts(rt: Runtime, pos: Position) -> int:
 
 # --- fills and reservations -------------------------------------------------------------------
 def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
-    """Make each entry's reservation follow its fill: shrink to the filled value, or release."""
+    """Make each entry's reservation follow its fill: shrink to the filled value, or release.
+
+    A partial fill (an IOC entry's filled part, or a DAY order that ended with some shares
+    filled) keeps the value filled; an order still working ("partially_filled") keeps its
+    whole reservation until it ends.
+    """
     for ev in events:
-        if ev.intent != "entry":
+        if ev.intent != "entry" or ev.status == "partially_filled":
             continue
         day = dt.date.fromisoformat(ev.session_date)
         reserved = rt.limits.reservation(day, ev.client_order_id)
         if reserved is None:
             log.error("fill without reservation", extra={"client_order_id": ev.client_order_id})
             continue
-        target = min(ev.notional_cents, reserved) if ev.status == "filled" else 0
-        if ev.status == "filled" and ev.notional_cents > reserved:
+        target = min(ev.notional_cents, reserved) if ev.filled_qty > 0 else 0
+        if ev.filled_qty > 0 and ev.notional_cents > reserved:
             log.error("fill value above its reservation", extra={
                 "client_order_id": ev.client_order_id, "filled_cents": ev.notional_cents,
                 "reserved_cents": reserved})
@@ -242,14 +256,13 @@ def reconcile(rt: Runtime, day: dt.date) -> dict[str, Any]:
     fixes: dict[str, int] = {}
     for o in orders:
         have = current.get(o.client_order_id)
-        if o.status == "filled":
-            value = cents(_decimal(o.filled_avg_price) * o.filled_qty)
-            want = value if have is None else min(have, value)
-        elif o.status == "accepted":
+        filled_value = (cents(_decimal(o.filled_notional)) if o.filled_notional
+                        else cents(_decimal(o.filled_avg_price) * o.filled_qty))
+        if o.status in ("accepted", "partially_filled"):
             want = have if have is not None else _order_value(
                 o, rt.settings.entry_collar_pct)
-        else:
-            want = 0
+        else:  # terminal: what filled stays counted, the rest is freed
+            want = filled_value if have is None else min(have, filled_value)
         if want != have:
             fixes[o.client_order_id] = want
     used = rt.limits.rebuild(day, fixes)
@@ -311,8 +324,12 @@ def close_all(rt: Runtime, reason: str) -> dict[str, Any]:
             done = rt.broker.cancel_order(order.client_order_id)
             if done is not None and done.status == "cancelled":
                 cancelled.append(order.client_order_id)
+                # what already filled stays counted; the rest of the reservation is freed
+                filled = (cents(_decimal(done.filled_notional)) if done.filled_notional
+                          else 0)
                 apply_fill_events(rt, [FillEvent(order.client_order_id, order.symbol, "entry",
-                                                 "cancelled", 0, 0, order.session_date)])
+                                                 "cancelled", done.filled_qty, filled,
+                                                 order.session_date)])
     closing: dict[str, str] = {}
     failed: list[str] = []
     for symbol, pos in sorted(rt.broker.get_positions().items()):

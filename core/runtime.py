@@ -74,11 +74,13 @@ def build_runtime(settings: Settings) -> Runtime:
     replay = RedisReplay(redis, keys, bar_store)
     model = FillModel(slippage_bps=settings.sim_slippage_bps,
                       fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
-                      latency_bars=settings.sim_latency_bars)
+                      latency_bars=settings.sim_latency_bars,
+                      max_participation=settings.sim_max_participation)
     starting = int(settings.sim_starting_cash * 100)
     broker = SimulatedBroker(redis, keys, replay, model, starting_cash_cents=starting,
                              margin_multiplier=settings.sim_margin_multiplier,
-                             hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()))
+                             hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()),
+                             protective_stops=settings.protective_stop)
     faults = parse_faults(settings.sim_faults)
     if faults:
         broker = FaultyBroker(broker, redis, keys, faults)  # type: ignore[assignment]

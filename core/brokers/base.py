@@ -12,13 +12,19 @@ from decimal import Decimal
 from typing import Literal, Protocol
 
 Side = Literal["buy", "sell"]
-OrderStatus = Literal["accepted", "filled", "cancelled", "expired", "rejected"]
+OrderStatus = Literal["accepted", "partially_filled", "filled", "cancelled", "expired",
+                      "rejected"]
+# "partially_filled" is not terminal: the order keeps working for its remaining quantity.
 TERMINAL: frozenset[str] = frozenset({"filled", "cancelled", "expired", "rejected"})
 
 
 @dataclass(frozen=True)
 class OrderRequest:
-    """What we ask the broker to do. ``close=True`` closes whatever the position holds."""
+    """What we ask the broker to do. ``close=True`` closes whatever the position holds.
+
+    ``stop_price`` (entries only) attaches a protective stop held at the broker (OTO): once the
+    entry fills, a stop order closing the whole position rests at that price.
+    """
 
     client_order_id: str
     symbol: str
@@ -32,11 +38,17 @@ class OrderRequest:
     reason: str = ""
     strategy: str = ""
     confidence: float | None = None
+    stop_price: str | None = None
 
 
 @dataclass(frozen=True)
 class Order:
-    """An order as the broker knows it."""
+    """An order as the broker knows it.
+
+    ``filled_qty`` and ``filled_avg_price`` (volume-weighted) accumulate over the fills;
+    ``filled_notional`` is their exact value (sum of price x qty, US dollars);
+    ``stop_price`` is the protective stop an entry carries (OTO), if any.
+    """
 
     client_order_id: str
     symbol: str
@@ -60,6 +72,8 @@ class Order:
     fees_cents: int = 0
     status_reason: str = ""
     accepted_wall: float = 0.0
+    stop_price: str | None = None
+    filled_notional: str | None = None
 
     def to_json(self) -> str:
         """Serialise for storage."""
@@ -77,7 +91,10 @@ class Order:
 
 @dataclass(frozen=True)
 class Position:
-    """An open position. ``qty`` is signed: positive long, negative short."""
+    """An open position. ``qty`` is signed: positive long, negative short.
+
+    ``stop_price`` is the protective stop resting at the broker for it (None: none).
+    """
 
     symbol: str
     qty: int
@@ -90,6 +107,7 @@ class Position:
     entry_fees_cents: int = 0
     exit_attempt: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    stop_price: str | None = None
 
     @property
     def side(self) -> Side:
@@ -113,7 +131,9 @@ class Position:
 
 @dataclass(frozen=True)
 class FillEvent:
-    """An order reaching a terminal state (cents, shares)."""
+    """An order reaching a terminal state, or a partial fill of a working order (status
+    "partially_filled"). ``filled_qty`` and ``notional_cents`` are the order's totals so far
+    (cents, shares)."""
 
     client_order_id: str
     symbol: str

@@ -6,6 +6,24 @@ one bar later), or of the first later bar where the symbol has data, moved again
 fill only if that price is within the limit, otherwise they expire. ``close`` orders close
 whatever the position holds at fill time, so two closes never flip a position.
 Prices are Decimal US dollars (4 decimals), cash and fees integer cents.
+
+Volume participation (``max_participation``, off when None): one order fills at most
+``floor(bar volume x max_participation)`` shares in a bar. The cap is per order: several
+orders of one symbol in the same bar each get the whole cap. An IOC entry fills what the cap
+allows and the remainder is cancelled at once (status "filled", ``filled_qty < qty``); a DAY
+order (exits) stays working as "partially_filled" and fills more on later bars until done or
+the session closes. Fees are charged per fill; a partial close allocates the position's entry
+fees pro rata to the quantity closed (the last close takes what is left).
+
+Protective stops (``protective_stops``, off by default): an entry may carry a ``stop_price``
+(OTO). Once it fills, the position holds that stop, and from the bar after the fill on it is
+checked at the start of each processed bar, before due orders fill: a long whose bar low is at
+or below the stop (a short: high at or above) is closed whole at the stop, or at the bar's
+open when the open already gapped through it, moved by the slippage, with fees, exit reason
+"broker_stop" and order id ``<entry id>-s``; working exits of the symbol are then cancelled.
+This assumes the stop rests at the broker through the whole bar that is processed (the bar
+whose open fills the due orders); it looks at nothing beyond that bar. The stop ignores the
+participation cap.
 """
 
 from __future__ import annotations
@@ -16,7 +34,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 
 import numpy as np
 from redis import Redis
@@ -24,7 +42,7 @@ from redis import Redis
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
 from core.keys import Keys
 from core.market.bar_store import SessionMeta
-from core.models import OPEN
+from core.models import HIGH, LOW, OPEN, VOLUME
 from core.replay import RedisReplay
 
 log = logging.getLogger(__name__)
@@ -32,6 +50,7 @@ log = logging.getLogger(__name__)
 _TICK = Decimal("0.0001")
 _CENT = Decimal("0.01")
 _TTL_S = 4 * 24 * 3600
+_WORKING = ("accepted", "partially_filled")
 
 # Record a new order once; a known client_order_id returns the stored order.
 _SUBMIT_LUA = """
@@ -52,13 +71,31 @@ class FillModel:
     fee_per_share: Decimal = Decimal("0.0035")
     fee_min: Decimal = Decimal("0.35")
     latency_bars: int = 1
+    max_participation: float | None = None  # fraction of a bar's volume one order may fill
+
+    def __post_init__(self) -> None:
+        p = self.max_participation
+        if p is not None and not (math.isfinite(p) and 0 < p <= 1):
+            raise ValueError(f"max_participation must be in (0, 1], got {p!r}")
 
     def fill_price(self, open_price: float, side: str) -> Decimal:
         """Open price moved against the order by the slippage (US dollars, 4 decimals)."""
-        base = Decimal(repr(float(open_price)))
+        return self.slipped(_dec(open_price), side)
+
+    def slipped(self, base: Decimal, side: str) -> Decimal:
+        """A price moved against an order on ``side`` by the slippage (4 decimals)."""
         factor = Decimal(1) + Decimal(repr(self.slippage_bps)) / Decimal(10000) * (
             1 if side == "buy" else -1)
         return (base * factor).quantize(_TICK, rounding=ROUND_HALF_UP)
+
+    def volume_cap(self, volume: float) -> int | None:
+        """Most shares one order may fill in a bar of ``volume`` shares (None: no cap)."""
+        if self.max_participation is None:
+            return None
+        if not (math.isfinite(volume) and volume > 0):
+            return 0
+        cap = _dec(volume) * Decimal(repr(float(self.max_participation)))
+        return int(cap.to_integral_value(rounding=ROUND_FLOOR))
 
     def fees_cents(self, qty: int) -> int:
         """Fees of one fill in cents."""
@@ -76,7 +113,8 @@ class SimulatedBroker:
 
     def __init__(self, redis: Redis, keys: Keys, replay: RedisReplay, model: FillModel,
                  starting_cash_cents: int = 10_000_000, margin_multiplier: int = 4,
-                 hard_to_borrow: frozenset[str] = frozenset()) -> None:
+                 hard_to_borrow: frozenset[str] = frozenset(),
+                 protective_stops: bool = False) -> None:
         self._r = redis
         self._k = keys
         self._replay = replay
@@ -85,8 +123,10 @@ class SimulatedBroker:
         self._starting_cash = starting_cash_cents
         self._margin = margin_multiplier
         self._htb = hard_to_borrow
+        self._stops = protective_stops
         self._positions_cache: tuple[bytes, dict[str, Position]] | None = None
         self._parsed: dict[str, tuple[bytes, Position]] = {}
+        self._exposure_cache: tuple[bytes, tuple[int, int]] | None = None
 
     # -- account set-up ---------------------------------------------------------------------
     def open_account(self) -> None:
@@ -112,6 +152,8 @@ class SimulatedBroker:
             status, reason = "rejected", "market closed: no bar left to fill in this session"
         elif request.order_type == "limit" and not _positive(request.limit_price):
             status, reason = "rejected", "limit order needs a positive limit price"
+        elif request.stop_price is not None and (why := self._stop_refusal(request)):
+            status, reason = "rejected", why
         elif request.intent == "entry":
             refusal = self.entry_check(request)
             if refusal:
@@ -127,7 +169,7 @@ class SimulatedBroker:
             strategy=request.strategy, confidence=request.confidence, status=status,
             session_date=session, submitted_at=submitted,
             fill_after_bar=bar + self._model.latency_bars, status_reason=reason,
-            accepted_wall=time.time(),
+            accepted_wall=time.time(), stop_price=request.stop_price,
         )
         new, raw = self._submit(
             keys=[self._k.broker("orders"), self._k.broker("open_orders"),
@@ -145,22 +187,67 @@ class SimulatedBroker:
 
     def entry_check(self, request: OrderRequest) -> str | None:
         """Why the broker would reject this entry (wash trade, not shortable, halted, buying
-        power), or None. Execution asks before reserving capital."""
-        meta, bar = self._replay.now()
-        if meta is None:
+        power), or None. Execution asks before reserving capital; two round trips."""
+        k = self._k
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(k.replay_state(), "day", "bar", "status")
+        pipe.hget(k.broker("positions"), request.symbol)
+        pipe.get(k.broker("cash"))
+        pipe.get(k.broker("positions_version"))
+        pipe.smembers(k.broker("open_orders"))
+        (day, bar_raw, status), pos_raw, cash_raw, version, open_ids = pipe.execute()
+        days = self._replay.days()
+        if day is None or status == b"finished" or not 0 <= int(day) < len(days):
             return "market closed: no replay session is running"
-        if self._conflicts(request):
+        meta, bar = days[int(day)], int(bar_raw)
+        if request.stop_price is not None and (why := self._stop_refusal(request)):
+            return why
+        if pos_raw and (Position.from_json(pos_raw).qty > 0) != (request.side == "buy"):
             return "opposite-side position open (wash trade)"
         if request.side == "sell" and request.symbol in self._htb:
             return f"{request.symbol} is not shortable (hard to borrow)"
-        if request.symbol in meta.symbols and bar >= 0:
-            close = self._replay.row(meta, bar)[meta.symbols.index(request.symbol), 3]
+        price = Decimal(request.limit_price) if _positive(request.limit_price) else None
+        pipe = self._r.pipeline(transaction=False)
+        quote = request.symbol in meta.symbols and bar >= 0
+        if quote:
+            off = bar * meta.row_bytes + meta.symbols.index(request.symbol) * 40
+            pipe.getrange(k.replay_data(meta.date), off + 24, off + 31)  # the close
+        ids = sorted(x.decode() for x in open_ids)
+        if price is not None and ids:
+            pipe.hmget(k.broker("orders"), ids)
+        replies = pipe.execute() if (quote or (price is not None and ids)) else []
+        if quote:
+            raw_close = replies.pop(0)
+            close = float(np.frombuffer(raw_close, "<f8")[0]) if len(raw_close) == 8 else math.nan
             if not (math.isfinite(close) and close > 0):
                 return f"{request.symbol} is not trading (halted or no quote)"
-        price = Decimal(request.limit_price) if _positive(request.limit_price) else None
-        if price is not None and cents(price * request.qty) > self.buying_power_cents():
+        if price is None:
+            return None
+        working = 0
+        if ids:
+            for raw in replies.pop(0):
+                if raw:
+                    o = Order.from_json(raw)
+                    if o.intent == "entry" and o.limit_price:
+                        working += cents(Decimal(o.limit_price) * (o.qty - o.filled_qty))
+        exposure, signed_cost = self._exposure(version)
+        cash = int(cash_raw) if cash_raw is not None else self._starting_cash
+        power = (cash + signed_cost) * self._margin - exposure - working
+        if cents(price * request.qty) > power:
             return "insufficient buying power"
         return None
+
+    def _exposure(self, version: bytes | None) -> tuple[int, int]:
+        """(gross value, signed cost) of open positions at entry prices, cached by version."""
+        if self._exposure_cache is not None and version is not None \
+                and self._exposure_cache[0] == version:
+            return self._exposure_cache[1]
+        positions, _ = self.snapshot()
+        value = (sum(cents(p.avg * abs(p.qty)) for p in positions.values()),
+                 sum(cents(p.avg * p.qty) for p in positions.values()))
+        if version is not None:
+            self._exposure_cache = (version, value)
+        return value
 
     def buying_power_cents(self) -> int:
         """Intraday buying power: equity x margin less what positions and working entries use.
@@ -171,7 +258,7 @@ class SimulatedBroker:
         positions, orders = self.snapshot()
         exposure = sum(cents(p.avg * abs(p.qty)) for p in positions.values())
         signed_cost = sum(cents(p.avg * p.qty) for p in positions.values())
-        working = sum(cents(Decimal(o.limit_price) * o.qty) for o in orders
+        working = sum(cents(Decimal(o.limit_price) * (o.qty - o.filled_qty)) for o in orders
                       if o.intent == "entry" and o.limit_price)
         equity = self.cash_cents() + signed_cost
         return equity * self._margin - exposure - working
@@ -195,7 +282,7 @@ class SimulatedBroker:
         """Cancel an open order; returns the order as it ends up (None if unknown)."""
         with self._lock():
             order = self.get_order_by_client_id(client_order_id)
-            if order is None or order.status != "accepted":
+            if order is None or order.status not in _WORKING:
                 return order
             done = order.with_(status="cancelled", status_reason="cancelled by request")
             pipe = self._r.pipeline(transaction=True)
@@ -207,7 +294,7 @@ class SimulatedBroker:
             return done
 
     def list_open_orders(self) -> list[Order]:
-        """Orders accepted and not yet filled, cancelled or expired (sorted by id)."""
+        """Working orders: accepted or partially filled, not yet done (sorted by id)."""
         ids = sorted(x.decode() for x in self._r.smembers(self._k.broker("open_orders")))
         if not ids:
             return []
@@ -276,31 +363,73 @@ class SimulatedBroker:
 
     # -- the market moving ------------------------------------------------------------------
     def process_bar(self, meta: SessionMeta, bar: int, row: np.ndarray) -> list[FillEvent]:
-        """Fill the open orders due at bar ``bar`` of the session using its open prices."""
+        """Fill the open orders due at bar ``bar`` of the session using its open prices.
+
+        With protective stops on, the positions' stops are checked against this bar first.
+        Processing the same bar again fills nothing twice: a partially filled order is next
+        due at the following bar, a stopped position is gone.
+        """
         events: list[FillEvent] = []
-        if not self._r.scard(self._k.broker("open_orders")):
-            return events  # the common case: nothing working, no lock, one round trip
-        with self._lock():
-            orders = [o for o in self.list_open_orders()
-                      if o.session_date == meta.date.isoformat() and o.fill_after_bar <= bar]
-            if not orders:
+        if self._stops:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.scard(self._k.broker("open_orders"))
+            pipe.hlen(self._k.broker("positions"))
+            n_open, n_positions = pipe.execute()
+            if not n_open and not n_positions:
                 return events
-            wanted = sorted({o.symbol for o in orders})
-            raw = self._r.hmget(self._k.broker("positions"), wanted)
-            positions = {sym: Position.from_json(r) for sym, r in zip(wanted, raw, strict=True)
-                         if r}
+        elif not self._r.scard(self._k.broker("open_orders")):
+            return events  # the common case: nothing working, no lock, one round trip
+        session = meta.date.isoformat()
+        with self._lock():
+            working = self.list_open_orders()
+            orders = [o for o in working
+                      if o.session_date == session and o.fill_after_bar <= bar]
+            if not orders and not self._stops:
+                return events
+            if self._stops:
+                positions = {k.decode(): Position.from_json(v) for k, v in
+                             self._r.hgetall(self._k.broker("positions")).items()}
+            else:
+                wanted = sorted({o.symbol for o in orders})
+                raw = self._r.hmget(self._k.broker("positions"), wanted)
+                positions = {sym: Position.from_json(r)
+                             for sym, r in zip(wanted, raw, strict=True) if r}
             index = {s: i for i, s in enumerate(meta.symbols)}
             when = meta.bar_time(bar).isoformat()
             pipe = self._r.pipeline(transaction=True)
             cash_delta = 0
+            if self._stops:
+                stopped: set[str] = set()
+                for sym in sorted(positions):
+                    hit = self._stop_fill(positions[sym], meta, bar, row, index, positions, pipe)
+                    if hit is None:
+                        continue
+                    event, delta = hit
+                    cash_delta += delta
+                    stopped.add(sym)
+                    events.append(event)
+                for order in working:
+                    if order.symbol in stopped and order.intent == "exit":
+                        done = order.with_(status="cancelled",
+                                           status_reason="position closed by protective stop")
+                        pipe.hset(self._k.broker("orders"), order.client_order_id,
+                                  done.to_json())
+                        pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+                        events.append(self._event(done))
+                orders = [o for o in orders if not (o.symbol in stopped and o.intent == "exit")]
             for order in orders:
-                px = row[index[order.symbol], OPEN] if order.symbol in index else math.nan
+                i = index.get(order.symbol)
+                px = row[i, OPEN] if i is not None else math.nan
                 if not (math.isfinite(px) and px > 0):
                     continue  # no bar for this symbol now: no fill, try the next bar
-                done, event, delta = self._fill(order, px, when, positions, pipe)
+                cap = self._model.volume_cap(float(row[i, VOLUME]))
+                done, event, delta = self._fill(order, px, cap, when, bar, positions, pipe)
+                if event is None:
+                    continue  # a working order that could not fill in this bar
                 cash_delta += delta
                 pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
-                pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+                if done.status not in _WORKING:
+                    pipe.srem(self._k.broker("open_orders"), order.client_order_id)
                 events.append(event)
             if cash_delta:
                 pipe.incrby(self._k.broker("cash"), cash_delta)
@@ -308,21 +437,23 @@ class SimulatedBroker:
         return events
 
     def expire_session_orders(self, session_date: dt.date) -> list[FillEvent]:
-        """Expire DAY orders of a finished session still open at its close."""
+        """Expire DAY orders of a finished session still open at its close (a partially
+        filled one keeps what it filled; its position stays open)."""
         events = []
         with self._lock():
             for order in self.list_open_orders():
                 if order.session_date > session_date.isoformat():
                     continue
-                done = order.with_(status="expired", status_reason="session closed")
+                why = ("session closed" if not order.filled_qty else
+                       f"session closed with {order.filled_qty} of {order.qty} filled")
+                done = order.with_(status="expired", status_reason=why)
                 pipe = self._r.pipeline(transaction=True)
                 pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
                 pipe.srem(self._k.broker("open_orders"), order.client_order_id)
                 if order.intent == "exit":
                     self._bump_exit_attempt(order.symbol, pipe)
                 pipe.execute()
-                events.append(FillEvent(order.client_order_id, order.symbol, order.intent,
-                                        "expired", 0, 0, order.session_date))
+                events.append(self._event(done))
         return events
 
     # -- internals --------------------------------------------------------------------------
@@ -347,36 +478,108 @@ class SimulatedBroker:
         pos = Position.from_json(raw)
         return (pos.qty > 0) != (request.side == "buy")
 
-    def _fill(self, order: Order, open_px: float, when: str,
-              positions: dict[str, Position], pipe) -> tuple[Order, FillEvent, int]:
+    def _stop_refusal(self, request: OrderRequest) -> str | None:
+        """Why an order carrying a protective stop is refused, or None."""
+        if not self._stops:
+            return "protective stop orders are not enabled at this broker"
+        if request.intent != "entry":
+            return "a protective stop rides on an entry order only"
+        if not _positive(request.stop_price):
+            return "protective stop needs a positive stop price"
+        if _positive(request.limit_price):
+            stop, limit = Decimal(request.stop_price or "0"), Decimal(request.limit_price or "0")
+            if (request.side == "buy" and stop >= limit) or (
+                    request.side == "sell" and stop <= limit):
+                return "protective stop on the wrong side of the entry price"
+        return None
+
+    def _stop_fill(self, pos: Position, meta: SessionMeta, bar: int, row: np.ndarray,
+                   index: dict[str, int], positions: dict[str, Position],
+                   pipe) -> tuple[FillEvent, int] | None:
+        """Close ``pos`` by its protective stop if bar ``bar`` reaches it; else None."""
+        i = index.get(pos.symbol)
+        if not pos.stop_price or pos.qty == 0 or i is None:
+            return None
+        open_, high, low = (float(row[i, f]) for f in (OPEN, HIGH, LOW))
+        if not all(math.isfinite(x) and x > 0 for x in (open_, high, low)):
+            return None  # no bar for the symbol now
+        if dt.datetime.fromisoformat(pos.opened_at) >= meta.bar_time(bar):
+            return None  # the stop rests from the bar after the entry's fill
+        stop = Decimal(pos.stop_price)
+        if pos.qty > 0:
+            if _dec(low) > stop:
+                return None
+            base, side = min(_dec(open_), stop), "sell"  # a gap down fills at the open
+        else:
+            if _dec(high) < stop:
+                return None
+            base, side = max(_dec(open_), stop), "buy"  # a gap up fills at the open
+        order = Order(
+            client_order_id=f"{pos.entry_client_order_id}-s", symbol=pos.symbol, side=side,
+            qty=abs(pos.qty), order_type="stop", limit_price=None, time_in_force="gtc",
+            intent="exit", close=True, reason="broker_stop", strategy=pos.strategy,
+            confidence=pos.confidence, status="accepted", session_date=meta.date.isoformat(),
+            submitted_at=pos.opened_at, fill_after_bar=bar, accepted_wall=time.time(),
+            stop_price=pos.stop_price)
+        price = self._model.slipped(base, side)
+        done, delta = self._execute(order, price, abs(pos.qty), meta.bar_time(bar).isoformat(),
+                                    bar, positions, pipe)
+        done = done.with_(status_reason=f"protective stop {stop} triggered")
+        pipe.hset(self._k.broker("orders"), done.client_order_id, done.to_json())
+        pipe.rpush(self._k.broker("order_log"), done.client_order_id)
+        log.info("sim protective stop filled", extra={
+            "client_order_id": done.client_order_id, "symbol": done.symbol,
+            "price": str(price)})
+        return self._event(done), delta
+
+    def _fill(self, order: Order, open_px: float, cap: int | None, when: str, bar: int,
+              positions: dict[str, Position], pipe) -> tuple[Order, FillEvent | None, int]:
+        """Fill what ``order`` can at this bar's open; the event is None when nothing changed
+        (a DAY order that found no volume keeps working)."""
         price = self._model.fill_price(open_px, order.side)
         pos = positions.get(order.symbol)
-        qty = order.qty
         if order.close:
-            if pos is None:
+            if pos is None or pos.qty == 0:
                 done = order.with_(status="cancelled", status_reason="no position to close")
-                return done, self._event(done, 0, 0), 0
-            qty = abs(pos.qty)
+                return done, self._event(done), 0
+            want = abs(pos.qty)
+        else:
+            want = order.qty - order.filled_qty
         if order.order_type == "limit" and order.limit_price is not None:
             limit = Decimal(order.limit_price)
             if (order.side == "buy" and price > limit) or (order.side == "sell" and price < limit):
                 done = order.with_(status="expired",
                                    status_reason=f"IOC limit {limit} not reached at {price}")
-                return done, self._event(done, 0, 0), 0
+                return done, self._event(done), 0
+        qty = want if cap is None else min(want, cap)
+        if qty <= 0:
+            if order.time_in_force == "ioc":
+                done = order.with_(status="expired", status_reason=(
+                    "IOC: no volume to fill against "
+                    f"(participation {self._model.max_participation})"))
+                return done, self._event(done), 0
+            return order, None, 0
+        done, delta = self._execute(order, price, qty, when, bar, positions, pipe)
+        return done, self._event(done), delta
+
+    def _execute(self, order: Order, price: Decimal, qty: int, when: str, bar: int,
+                 positions: dict[str, Position], pipe) -> tuple[Order, int]:
+        """Fill ``qty`` shares of ``order`` at ``price``: position, trade, order; cash delta."""
+        pos = positions.get(order.symbol)
         fees = self._model.fees_cents(qty)
         notional = cents(price * qty)
         pipe.incr(self._k.broker("positions_version"))
         sign = 1 if order.side == "buy" else -1
         cash_delta = -sign * notional - fees
-        done = order.with_(status="filled", filled_qty=qty, filled_avg_price=str(price),
-                           filled_at=when, fees_cents=fees)
         signed = sign * qty
+        flat = False
         if pos is None or pos.qty == 0:
             new = Position(symbol=order.symbol, qty=signed, avg_price=str(price), opened_at=when,
                            session_date=order.session_date,
                            entry_client_order_id=order.client_order_id,
                            strategy=order.strategy, confidence=order.confidence,
-                           entry_fees_cents=fees)
+                           entry_fees_cents=fees,
+                           stop_price=order.stop_price if order.intent == "entry" else None)
             positions[order.symbol] = new
             pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
         elif (pos.qty > 0) == (signed > 0):
@@ -387,10 +590,13 @@ class SimulatedBroker:
             positions[order.symbol] = new
             pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
         else:
-            closing = min(qty, abs(pos.qty))
+            held = abs(pos.qty)
+            closing = min(qty, held)
             direction = 1 if pos.qty > 0 else -1
             gross = cents((price - pos.avg) * closing * direction)
-            entry_fees = pos.entry_fees_cents
+            # entry fees follow the quantity closed; the last close takes what is left
+            entry_fees = (pos.entry_fees_cents if closing == held else
+                          (2 * pos.entry_fees_cents * closing + held) // (2 * held))
             trade = {
                 "client_order_id": pos.entry_client_order_id,
                 "exit_client_order_id": order.client_order_id,
@@ -405,18 +611,41 @@ class SimulatedBroker:
             pipe.incrby(self._k.broker(f"realized:{order.session_date}"), trade["pnl_cents"])
             remaining = pos.qty + signed
             if remaining == 0 or (remaining > 0) != (pos.qty > 0):
+                flat = True
                 positions.pop(order.symbol, None)
                 pipe.hdel(self._k.broker("positions"), order.symbol)
             else:
-                new = Position(**{**pos.__dict__, "qty": remaining, "entry_fees_cents": 0})
+                new = Position(**{**pos.__dict__, "qty": remaining,
+                                  "entry_fees_cents": pos.entry_fees_cents - entry_fees})
                 positions[order.symbol] = new
                 pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
-        return done, self._event(done, qty, notional), cash_delta
+        filled = order.filled_qty + qty
+        value = Decimal(order.filled_notional or "0") + price * qty
+        avg_px = price if not order.filled_qty else (value / filled).quantize(
+            _TICK, rounding=ROUND_HALF_UP)
+        status, reason, due = "filled", order.status_reason, order.fill_after_bar
+        if not (flat if order.close else filled >= order.qty):
+            if order.time_in_force == "ioc":
+                reason = "partial fill, remainder cancelled (IOC)"
+            else:
+                status, due = "partially_filled", bar + 1  # next due at the following bar
+        done = order.with_(status=status, status_reason=reason, fill_after_bar=due,
+                           filled_qty=filled, filled_avg_price=str(avg_px),
+                           filled_notional=str(value), filled_at=when,
+                           fees_cents=order.fees_cents + fees)
+        return done, cash_delta
 
     @staticmethod
-    def _event(order: Order, qty: int, notional_cents: int) -> FillEvent:
-        return FillEvent(order.client_order_id, order.symbol, order.intent, order.status, qty,
-                         notional_cents, order.session_date)
+    def _event(order: Order) -> FillEvent:
+        """The order's state as an event: status and its fill totals so far."""
+        notional = cents(Decimal(order.filled_notional)) if order.filled_notional else 0
+        return FillEvent(order.client_order_id, order.symbol, order.intent, order.status,
+                         order.filled_qty, notional, order.session_date)
+
+
+def _dec(value: float) -> Decimal:
+    """A float price or volume as the Decimal of its shortest repr."""
+    return Decimal(repr(float(value)))
 
 
 def _positive(value: str | None) -> bool:
