@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "TRADING_SIM_RUN_ID": f"prof-{uuid.uuid4().hex[:8]}",
             "TRADING_SIM_SYNTHETIC_SYMBOLS": str(args.symbols), "TRADING_SIM_DAYS": "1",
             "TRADING_DAILY_POSITION_LIMIT": "100000000", "TRADING_MAX_OPEN_POSITIONS": "100000",
-            "TRADING_DAILY_LOSS_LIMIT": "100000000",
+            "TRADING_DAILY_LOSS_LIMIT": "100000000", "TRADING_SIM_STARTING_CASH": "1000000000",
             "TRADING_RISK_PCT_PER_TRADE": "0.00001", "TRADING_SIM_SETTLE_TIMEOUT_S": "3600",
         })
         for k in ("TRADING_SIM_DATA", "TRADING_SIM_SYMBOLS"):

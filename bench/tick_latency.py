@@ -89,6 +89,7 @@ def _sim_env(redis_url: str, run_id: str, n_symbols: int) -> dict[str, str]:
         "TRADING_DAILY_POSITION_LIMIT": "100000000",
         "TRADING_MAX_OPEN_POSITIONS": "100000",
         "TRADING_DAILY_LOSS_LIMIT": "100000000",
+        "TRADING_SIM_STARTING_CASH": "1000000000",
         # Size = limit x risk / stop: 0.00001 of $100M with a 1 % stop is ~$100k a position,
         # so the daily limit never runs out (the default 0.002 would stop entries after 5).
         "TRADING_RISK_PCT_PER_TRADE": "0.00001",

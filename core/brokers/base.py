@@ -6,6 +6,7 @@ times are ISO-8601 strings with the America/New_York offset.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
@@ -114,9 +115,9 @@ class Position:
         """'buy' for a long position, 'sell' for a short one."""
         return "buy" if self.qty > 0 else "sell"
 
-    @property
+    @functools.cached_property
     def avg(self) -> Decimal:
-        """Average entry price (US dollars)."""
+        """Average entry price (US dollars), parsed once per object."""
         return Decimal(self.avg_price)
 
     def to_json(self) -> str:

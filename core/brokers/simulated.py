@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 
 import numpy as np
@@ -243,8 +244,9 @@ class SimulatedBroker:
                 and self._exposure_cache[0] == version:
             return self._exposure_cache[1]
         positions, _ = self.snapshot()
-        value = (sum(cents(p.avg * abs(p.qty)) for p in positions.values()),
-                 sum(cents(p.avg * p.qty) for p in positions.values()))
+        gross = sum((p.avg * abs(p.qty) for p in positions.values()), Decimal(0))
+        signed = sum((p.avg * p.qty for p in positions.values()), Decimal(0))
+        value = (cents(gross), cents(signed))
         if version is not None:
             self._exposure_cache = (version, value)
         return value
@@ -265,9 +267,10 @@ class SimulatedBroker:
 
     def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
         """Submit a market order that closes the whole position at fill time (None if flat)."""
-        pos = self.get_positions().get(symbol)
-        if pos is None:
+        raw = self._r.hget(self._k.broker("positions"), symbol)
+        if raw is None:
             return None
+        pos = Position.from_json(raw)
         return self.submit_order(OrderRequest(
             client_order_id=client_order_id, symbol=symbol,
             side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty), intent="exit",
@@ -463,7 +466,7 @@ class SimulatedBroker:
         if not raw:
             return
         pos = Position.from_json(raw)
-        new = Position(**{**pos.__dict__, "exit_attempt": pos.exit_attempt + 1})
+        new = dc_replace(pos, **{"exit_attempt": pos.exit_attempt + 1})
         target = pipe or self._r
         target.hset(self._k.broker("positions"), symbol, new.to_json())
         target.incr(self._k.broker("positions_version"))
@@ -585,7 +588,7 @@ class SimulatedBroker:
         elif (pos.qty > 0) == (signed > 0):
             total = pos.qty + signed
             avg = ((pos.avg * abs(pos.qty) + price * qty) / abs(total)).quantize(_TICK)
-            new = Position(**{**pos.__dict__, "qty": total, "avg_price": str(avg),
+            new = dc_replace(pos, **{"qty": total, "avg_price": str(avg),
                               "entry_fees_cents": pos.entry_fees_cents + fees})
             positions[order.symbol] = new
             pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
@@ -615,7 +618,7 @@ class SimulatedBroker:
                 positions.pop(order.symbol, None)
                 pipe.hdel(self._k.broker("positions"), order.symbol)
             else:
-                new = Position(**{**pos.__dict__, "qty": remaining,
+                new = dc_replace(pos, **{"qty": remaining,
                                   "entry_fees_cents": pos.entry_fees_cents - entry_fees})
                 positions[order.symbol] = new
                 pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
