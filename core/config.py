@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_position_value: Decimal | None = Field(None, gt=0)
     daily_loss_limit: Decimal = Field(Decimal("250"), gt=0)
     entry_collar_pct: float = Field(0.005, gt=0, lt=0.1)
+    # what happens to the unfilled rest of an entry: cancelled at once (IOC) or kept working
+    # (DAY) until filled, cancelled by EOD/flatten, or expired at the close
+    partial_fill_policy: Literal["cancel", "keep"] = "cancel"
 
     # --- strategy ----------------------------------------------------------------------
     orb_minutes: int = Field(15, ge=1, le=120)

@@ -9,6 +9,7 @@ times America/New_York; money in cents.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import time
@@ -105,7 +106,20 @@ def _end_of_day(rt: Runtime, meta: Any) -> None:
 
 # --- score (gpu queue) ----------------------------------------------------------------------
 def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Rule signals and marks for the whole universe at one bar (small JSON)."""
+    """Rule signals and marks for the whole universe at one bar.
+
+    The full result goes to Redis under ``scored:<date>:<bar>``; the returned message carries
+    only that key (messages carry keys, not payloads).
+    """
+    result = compute_scores(rt, payload)
+    key = rt.keys.k(f"scored:{result['date']}:{result['bar']}")
+    rt.redis.set(key, json.dumps(result, separators=(",", ":")), ex=3600)
+    return {"date": result["date"], "bar": result["bar"], "scored_key": key,
+            "signals": len(result["signals"])}
+
+
+def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
+    """Signals and marks (closes of held and signalled symbols) at one bar, as JSON data."""
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
@@ -121,7 +135,17 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 
 # --- decide ---------------------------------------------------------------------------------
 def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> dict[str, Any]:
-    """Order intents for one scored bar; registers them so the bar settles when all are sent."""
+    """Order intents for one scored bar; registers them so the bar settles when all are sent.
+
+    ``scored`` is what ``score`` returned (the key of the stored result) or the result itself.
+    """
+    if "scored_key" in scored:
+        raw = rt.redis.get(str(scored["scored_key"]))
+        if raw is None:
+            log.error("scored result missing", extra={"key": scored["scored_key"]})
+            return {"status": "missing_scores", "date": scored.get("date"),
+                    "bar": scored.get("bar")}
+        scored = json.loads(raw)
     day = dt.date.fromisoformat(str(scored["date"]))
     bar = int(scored["bar"])
     meta = rt.bar_store.meta(day)

@@ -100,9 +100,10 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
         buy = intent.side == "buy"
         stop = str((Decimal(intent.ref_price) * (1 - pct if buy else 1 + pct)).quantize(
             Decimal("0.0001"), rounding=ROUND_FLOOR if buy else ROUND_CEILING))
+    tif = "ioc" if rt.settings.partial_fill_policy == "cancel" else "day"
     request = OrderRequest(
         client_order_id=coid, symbol=intent.symbol, side=intent.side, qty=intent.qty,
-        order_type="limit", limit_price=intent.limit_price, time_in_force="ioc",
+        order_type="limit", limit_price=intent.limit_price, time_in_force=tif,
         intent="entry", reason=intent.reason, strategy=intent.strategy,
         confidence=intent.confidence, stop_price=stop)
     lock = _lock(rt, coid)

@@ -14,6 +14,10 @@ from core.config import get_settings
 class TradingTask(Task):
     """Base task: in eager mode, round-trip arguments through JSON as a real broker would."""
 
+    # The worker logs each result through Celery's saferepr, which costs ~1 ms per KB:
+    # keep the log line short on the hot path.
+    resultrepr_maxsize = 256
+
     def apply(self, args: Any = None, kwargs: Any = None, *a: Any, **kw: Any) -> Any:
         args = json.loads(json.dumps(list(args or ())))
         kwargs = json.loads(json.dumps(dict(kwargs or {})))

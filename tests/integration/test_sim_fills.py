@@ -334,3 +334,20 @@ def test_protective_stop_after_a_partial_exit_closes_the_rest(make_rt) -> None:
     # entry fee 100 cents: 40 to the first row, 60 to the stop's row
     assert [t["fees_cents"] for t in trades] == [40 + 100, 60 + 100]
     assert rt.broker.get_positions() == {}
+
+
+def test_keep_policy_leaves_the_rest_of_an_entry_working_until_filled(make_rt) -> None:
+    rt = make_rt({FILL: {"volume": 1239.0}, FILL + 1: {"volume": 1000.0}},
+                 sim_max_participation=0.1, partial_fill_policy="keep")
+    intent = entry(rt, "buy", qty=200)
+    coid = intent["client_order_id"]
+    assert execution.submit_order(rt, intent)["status"] == "accepted"
+    (first,) = step(rt)
+    # 123 shares now; the order keeps working and keeps its whole reservation
+    assert (first.status, first.filled_qty) == ("partially_filled", 123)
+    assert rt.limits.reservation(DAY, coid) == 200 * 5025
+    (second,) = step(rt)
+    # 77 more (cap 100) complete it; the reservation shrinks to the value filled
+    assert (second.status, second.filled_qty) == ("filled", 200)
+    assert rt.broker.get_positions()["AAA"].qty == 200
+    assert rt.limits.reservation(DAY, coid) == second.notional_cents < 200 * 5025

@@ -58,15 +58,19 @@ def test_duplicate_tick_for_a_bar_does_nothing(eager) -> None:
     assert rt.replay.state().bar == 0
 
 
-def test_score_returns_small_json(eager) -> None:
+def test_score_returns_a_key_and_stores_the_scores(eager) -> None:
     run_ticks(20)
     meta = eager.replay.days()[0]
     out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19}).get()
-    assert json.loads(json.dumps(out)) == out
-    assert set(out) == {"date", "bar", "signals", "marks"}
-    for sig in out["signals"]:
+    assert set(out) == {"date", "bar", "scored_key", "signals"}
+    assert len(json.dumps(out)) < 200  # the message carries a key, not the payload
+    stored = json.loads(eager.redis.get(out["scored_key"]))
+    assert (stored["date"], stored["bar"]) == (meta.date.isoformat(), 19)
+    assert len(stored["signals"]) == out["signals"]
+    for sig in stored["signals"]:
         assert {"symbol", "side", "source", "confidence", "bar_time", "price"} <= set(sig)
-    assert len(json.dumps(out)) < 20_000
+    for sym, price in stored["marks"].items():
+        assert sym in meta.symbols and price > 0
 
 
 def test_decide_submit_and_close_wiring(eager) -> None:
