@@ -129,7 +129,7 @@ class Cluster:
         out = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "celery", *args], env=self.env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
 
     def start_workers(self, tag: str, exec_concurrency: int = 2) -> None:
         """A gpu worker (concurrency 1) and an exec worker."""
@@ -181,6 +181,16 @@ class Cluster:
             self.procs.pop(n, None)
         if name is None:
             shutil.rmtree(self._state_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when the process that started it dies (even by SIGKILL),
+    so a killed ``daytrader sim`` never leaves workers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
