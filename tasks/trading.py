@@ -30,10 +30,18 @@ class CeleryDispatcher:
         chain(score.s(payload), decide.s()).apply_async()
 
     def submit_order(self, intent: dict[str, Any]) -> None:
-        submit_order.apply_async(args=(intent,))
+        submit_order.apply_async(args=(intent,), argsrepr=_order_repr(intent))
 
     def close_position(self, intent: dict[str, Any]) -> None:
-        close_position.apply_async(args=(intent,))
+        close_position.apply_async(args=(intent,), argsrepr=_order_repr(intent))
+
+
+def _order_repr(intent: dict[str, Any]) -> str:
+    """What Flower and the logs show for an order task: ids and symbol, cheap to build
+    (Celery's generic saferepr of the whole intent costs ~0.2 ms a message)."""
+    return (f"(client_order_id={intent.get('client_order_id')!r}, "
+            f"symbol={intent.get('symbol')!r}, side={intent.get('side')!r}, "
+            f"qty={intent.get('qty')!r}, reason={intent.get('reason')!r})")
 
 
 DISPATCHER = CeleryDispatcher()
