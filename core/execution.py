@@ -22,10 +22,10 @@ import time
 from typing import Any
 
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
-from core.brokers.simulated import cents
 from core.decision import in_eod_window, reservation_cents
 from core.errors import BrokerUnavailable, DuplicateOrder, OrderInFlight, TransientError
 from core.locks import TokenLock
+from core.money import cents
 from core.orders import OrderIntent, exit_client_order_id
 from core.runtime import Runtime
 
@@ -34,9 +34,21 @@ _TTL_S = 4 * 24 * 3600
 _FAILED = ("cancelled", "expired", "rejected")
 
 
-def _lock(rt: Runtime, coid: str) -> TokenLock:
-    return TokenLock(rt.redis, rt.keys.order_lock(coid),
+def _acquire(rt: Runtime, coid: str) -> TokenLock:
+    """Take the order's lock, or raise OrderInFlight (a transient error: Celery retries)."""
+    lock = TokenLock(rt.redis, rt.keys.order_lock(coid),
                      ttl_ms=int(rt.settings.order_lock_ttl_s * 1000))
+    if not lock.acquire():
+        raise OrderInFlight(coid)
+    return lock
+
+
+def _existing(rt: Runtime, base: dict[str, Any]) -> dict[str, Any] | None:
+    """The result for an order the broker already has (looked up by client_order_id)."""
+    order = rt.broker.get_order_by_client_id(base["client_order_id"])
+    if order is None:
+        return None
+    return {**base, "status": "exists", "order_status": order.status}
 
 
 def _final(rt: Runtime, intent: OrderIntent, work: Any) -> dict[str, Any]:
@@ -85,9 +97,8 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
     base = {"client_order_id": coid, "symbol": intent.symbol}
     if intent.intent != "entry" or intent.qty <= 0 or intent.limit_price is None:
         return {**base, "status": "invalid", "reason": "submit_order takes sized entries only"}
-    existing = rt.broker.get_order_by_client_id(coid)
-    if existing is not None:
-        return {**base, "status": "exists", "order_status": existing.status}
+    if known := _existing(rt, base):
+        return known
     refusal = entry_refusal(rt, intent)
     if refusal:
         log.info("entry refused: %s", refusal, extra=base)
@@ -106,13 +117,10 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
         order_type="limit", limit_price=intent.limit_price, time_in_force=tif,
         intent="entry", reason=intent.reason, strategy=intent.strategy,
         confidence=intent.confidence, stop_price=stop)
-    lock = _lock(rt, coid)
-    if not lock.acquire():
-        raise OrderInFlight(coid)
+    lock = _acquire(rt, coid)
     try:
-        existing = rt.broker.get_order_by_client_id(coid)
-        if existing is not None:
-            return {**base, "status": "exists", "order_status": existing.status}
+        if known := _existing(rt, base):
+            return known
         broker_says = rt.broker.entry_check(request)
         if broker_says:
             log.info("entry refused before sending: %s", broker_says, extra=base)
@@ -170,16 +178,12 @@ def close_position(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 def close_symbol(rt: Runtime, symbol: str, coid: str, reason: str) -> dict[str, Any]:
     """Send the order that closes ``symbol``'s whole position, once per client_order_id."""
     base = {"client_order_id": coid, "symbol": symbol}
-    existing = rt.broker.get_order_by_client_id(coid)
-    if existing is not None:
-        return {**base, "status": "exists", "order_status": existing.status}
-    lock = _lock(rt, coid)
-    if not lock.acquire():
-        raise OrderInFlight(coid)
+    if known := _existing(rt, base):
+        return known
+    lock = _acquire(rt, coid)
     try:
-        existing = rt.broker.get_order_by_client_id(coid)
-        if existing is not None:
-            return {**base, "status": "exists", "order_status": existing.status}
+        if known := _existing(rt, base):
+            return known
         try:
             order = rt.broker.close_position(symbol, coid, reason)
         except BrokerUnavailable:

@@ -8,7 +8,8 @@ from redis import Redis
 
 from core.breaker import BreakerConfig, RedisCircuitBreaker
 from core.brokers.faults import FaultyBroker, parse_faults
-from core.brokers.simulated import FillModel, SimulatedBroker
+from core.brokers.fill_model import FillModel
+from core.brokers.simulated import SimulatedBroker
 from core.config import Settings
 from core.decision import DecisionParams
 from core.keys import Keys

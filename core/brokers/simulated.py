@@ -33,23 +33,24 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from dataclasses import replace as dc_replace
-from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 from redis import Redis
 
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
+from core.brokers.fill_model import FillModel
+from core.brokers.fill_model import dec as _dec
 from core.keys import Keys
 from core.market.bar_store import SessionMeta
 from core.models import HIGH, LOW, OPEN, VOLUME
+from core.money import cents
 from core.replay import RedisReplay
 
 log = logging.getLogger(__name__)
 
 _TICK = Decimal("0.0001")
-_CENT = Decimal("0.01")
 _TTL_S = 4 * 24 * 3600
 _WORKING = ("accepted", "partially_filled")
 
@@ -62,51 +63,6 @@ if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) end
 redis.call('RPUSH', KEYS[3], ARGV[1])
 return {1, ARGV[2]}
 """
-
-
-@dataclass(frozen=True)
-class FillModel:
-    """Costs and delays of the simulated market."""
-
-    slippage_bps: float = 2.0
-    fee_per_share: Decimal = Decimal("0.0035")
-    fee_min: Decimal = Decimal("0.35")
-    latency_bars: int = 1
-    max_participation: float | None = None  # fraction of a bar's volume one order may fill
-
-    def __post_init__(self) -> None:
-        p = self.max_participation
-        if p is not None and not (math.isfinite(p) and 0 < p <= 1):
-            raise ValueError(f"max_participation must be in (0, 1], got {p!r}")
-
-    def fill_price(self, open_price: float, side: str) -> Decimal:
-        """Open price moved against the order by the slippage (US dollars, 4 decimals)."""
-        return self.slipped(_dec(open_price), side)
-
-    def slipped(self, base: Decimal, side: str) -> Decimal:
-        """A price moved against an order on ``side`` by the slippage (4 decimals)."""
-        factor = Decimal(1) + Decimal(repr(self.slippage_bps)) / Decimal(10000) * (
-            1 if side == "buy" else -1)
-        return (base * factor).quantize(_TICK, rounding=ROUND_HALF_UP)
-
-    def volume_cap(self, volume: float) -> int | None:
-        """Most shares one order may fill in a bar of ``volume`` shares (None: no cap)."""
-        if self.max_participation is None:
-            return None
-        if not (math.isfinite(volume) and volume > 0):
-            return 0
-        cap = _dec(volume) * Decimal(repr(float(self.max_participation)))
-        return int(cap.to_integral_value(rounding=ROUND_FLOOR))
-
-    def fees_cents(self, qty: int) -> int:
-        """Fees of one fill in cents."""
-        fee = max(self.fee_min, self.fee_per_share * qty)
-        return int((fee / _CENT).to_integral_value(rounding=ROUND_HALF_UP))
-
-
-def cents(amount: Decimal) -> int:
-    """Dollars to integer cents (banker's rounding)."""
-    return int((amount / _CENT).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 class SimulatedBroker:
@@ -250,20 +206,6 @@ class SimulatedBroker:
         if version is not None:
             self._exposure_cache = (version, value)
         return value
-
-    def buying_power_cents(self) -> int:
-        """Intraday buying power: equity x margin less what positions and working entries use.
-
-        Equity is approximated by cash plus the cost of open longs less short proceeds
-        (positions at their entry price), in cents.
-        """
-        positions, orders = self.snapshot()
-        exposure = sum(cents(p.avg * abs(p.qty)) for p in positions.values())
-        signed_cost = sum(cents(p.avg * p.qty) for p in positions.values())
-        working = sum(cents(Decimal(o.limit_price) * (o.qty - o.filled_qty)) for o in orders
-                      if o.intent == "entry" and o.limit_price)
-        equity = self.cash_cents() + signed_cost
-        return equity * self._margin - exposure - working
 
     def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
         """Submit a market order that closes the whole position at fill time (None if flat)."""
@@ -474,13 +416,6 @@ class SimulatedBroker:
     def _lock(self):
         return self._r.lock(self._k.broker("lock"), timeout=30, blocking_timeout=10)
 
-    def _conflicts(self, request: OrderRequest) -> bool:
-        raw = self._r.hget(self._k.broker("positions"), request.symbol)
-        if not raw:
-            return False
-        pos = Position.from_json(raw)
-        return (pos.qty > 0) != (request.side == "buy")
-
     def _stop_refusal(self, request: OrderRequest) -> str | None:
         """Why an order carrying a protective stop is refused, or None."""
         if not self._stops:
@@ -644,11 +579,6 @@ class SimulatedBroker:
         notional = cents(Decimal(order.filled_notional)) if order.filled_notional else 0
         return FillEvent(order.client_order_id, order.symbol, order.intent, order.status,
                          order.filled_qty, notional, order.session_date)
-
-
-def _dec(value: float) -> Decimal:
-    """A float price or volume as the Decimal of its shortest repr."""
-    return Decimal(repr(float(value)))
 
 
 def _positive(value: str | None) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from redis import Redis
 
 from tests.conftest import REPO
+from tests.helpers import stop_processes, wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -88,14 +89,6 @@ def _find_run(client: Redis, deadline: float) -> str:
     raise AssertionError("the simulated run never started")
 
 
-def _poll(pred, deadline: float, what: str) -> None:
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_celery_call_flatten_all_from_repo_root(redis_client, redis_url, tmp_path) -> None:
     out = tmp_path / "flat"
     sim = subprocess.Popen(
@@ -106,18 +99,18 @@ def test_celery_call_flatten_all_from_repo_root(redis_client, redis_url, tmp_pat
         deadline = time.monotonic() + 120
         run = _find_run(redis_client, deadline)
         ns = f"sim:{run}:"
-        _poll(lambda: redis_client.hlen(ns + "broker:positions") > 0, deadline, "a position")
+        wait_for(lambda: redis_client.hlen(ns + "broker:positions") > 0, 120, "a position")
         # literally what the README says, from the repo root with no -A
         call = subprocess.run([str(BIN / "celery"), "call", "tasks.flatten_all"], cwd=REPO,
                               env=base_env(redis_url), capture_output=True, text=True,
                               timeout=60)
         assert call.returncode == 0, call.stderr
-        _poll(lambda: redis_client.exists(ns + "halt"), deadline, "the halt flag")
-        _poll(lambda: redis_client.hlen(ns + "broker:positions") == 0, deadline, "flat")
+        wait_for(lambda: redis_client.exists(ns + "halt"), 60, "the halt flag")
+        wait_for(lambda: redis_client.hlen(ns + "broker:positions") == 0, 60, "flat")
         orders_at_flat = redis_client.llen(ns + "broker:order_log")
         bar_at_flat = int(redis_client.hget(ns + "replay:state", "bar"))
-        _poll(lambda: int(redis_client.hget(ns + "replay:state", "bar")) > bar_at_flat + 20,
-              deadline, "20 more bars")
+        wait_for(lambda: int(redis_client.hget(ns + "replay:state", "bar")) > bar_at_flat + 20,
+                 60, "20 more bars")
         later = redis_client.lrange(ns + "broker:order_log", orders_at_flat, -1)
         assert later == []  # halted: no new entries (and nothing left to exit)
         assert redis_client.hlen(ns + "broker:positions") == 0
@@ -145,17 +138,10 @@ def test_celery_worker_and_beat_by_hand(redis_client, redis_url, tmp_path) -> No
     ]
     ns = f"sim:{run}:"
     try:
-        deadline = time.monotonic() + 150
-        _poll(lambda: redis_client.hget(ns + "replay:state", "status") == b"finished",
-              deadline, "the replayed day to finish")
+        wait_for(lambda: redis_client.hget(ns + "replay:state", "status") == b"finished",
+                 150, "the replayed day to finish")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
     stats = [json.loads(x) for x in redis_client.lrange(ns + "replay:day_stats", 0, -1)]
     assert [s["date"] for s in stats] == ["2025-11-28"]
     assert stats[0]["open_positions_at_close"] == 0

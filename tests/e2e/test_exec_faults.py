@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -13,29 +12,13 @@ import pytest
 from celery import Celery
 
 from core import execution
-from core.config import load_settings
 from core.decision import reservation_cents
 from core.orders import OrderIntent
-from core.runtime import build_runtime
-from core.sim import prepare_replay
+from tests.helpers import prepared_runtime, stop_processes, wait_for
 from tests.integration.test_execution import entry
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-
-
-def prepared(redis_url: str, run: str):
-    settings = load_settings(redis_url=redis_url, sim_run_id=run, sim_synthetic_symbols=8)
-    rt = build_runtime(settings)
-    prepare_replay(rt, settings)
-    for _ in range(20):
-        st = rt.replay.state()
-        meta = rt.replay.days()[st.day]
-        adv = rt.replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), 0.0)
-        rt.broker.process_bar(meta, adv.bar, adv.row)
-        rt.replay.settle(meta.date, adv.bar)
-    execution.reconcile(rt, rt.replay.days()[0].date)
-    return rt
 
 
 def start_worker(redis_url: str, run: str, name: str, tmp: Path, **extra: str):
@@ -49,31 +32,12 @@ def start_worker(redis_url: str, run: str, name: str, tmp: Path, **extra: str):
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
 
 
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def send(redis_url: str, intent: dict) -> None:
     client = Celery(broker=redis_url)
     try:
         client.send_task("tasks.submit_order", args=[intent], queue="exec")
     finally:
         client.close()
-
-
-def stop(procs) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def settled_once(rt, intent: dict) -> None:
@@ -87,7 +51,7 @@ def settled_once(rt, intent: dict) -> None:
 
 def test_same_order_delivered_twice_to_two_workers(redis_client, redis_url, tmp_path) -> None:
     run = f"dup-{uuid.uuid4().hex[:6]}"
-    rt = prepared(redis_url, run)
+    rt = prepared_runtime(redis_url, run)
     intent = entry(rt)
     day, bar = rt.replay.days()[0].date, intent["bar"]
     procs = [start_worker(redis_url, run, f"w{i}", tmp_path) for i in range(2)]
@@ -99,7 +63,7 @@ def test_same_order_delivered_twice_to_two_workers(redis_client, redis_url, tmp_
         wait_for(lambda: not redis_client.llen("exec") and not redis_client.hlen("unacked"),
                  60, "both deliveries to be acked")
     finally:
-        stop(procs)
+        stop_processes(procs)
     settled_once(rt, intent)
 
 
@@ -107,7 +71,7 @@ def test_same_order_delivered_twice_to_two_workers(redis_client, redis_url, tmp_
 def test_worker_killed_mid_order_then_redelivered(redis_client, redis_url, tmp_path,
                                                  fault) -> None:
     run = f"kill-{uuid.uuid4().hex[:6]}"
-    rt = prepared(redis_url, run)
+    rt = prepared_runtime(redis_url, run)
     intent = entry(rt)
     day, bar = rt.replay.days()[0].date, intent["bar"]
     # a short lock so the redelivery after a kill mid-submit is not held up for long
@@ -120,7 +84,7 @@ def test_worker_killed_mid_order_then_redelivered(redis_client, redis_url, tmp_p
         wait_for(lambda: not redis_client.llen("exec") and not redis_client.hlen("unacked"),
                  60, "the queue to drain")
     finally:
-        stop([proc])
+        stop_processes([proc])
     assert int(redis_client.get(f"sim:{run}:faults:{fault.split('=')[0]}")) >= 1  # it died
     log = (tmp_path / "victim.log").read_text()
     assert "WorkerLostError" in log or "signal 9" in log

@@ -17,24 +17,13 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from core.brokers.simulated import cents
 from core.cluster import Cluster, free_port, redis_answers, redis_server_binary
+from core.money import cents
 from tests.conftest import REPO
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:  # Redis may be down for a moment on purpose
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:

@@ -9,32 +9,19 @@ import numpy as np
 import pytest
 
 from core import execution
-from core.config import load_settings
 from core.decision import reservation_cents
 from core.errors import BrokerUnavailable, OrderInFlight
 from core.locks import TokenLock
 from core.models import CLOSE
 from core.orders import OrderIntent, entry_client_order_id
 from core.risk import collar_price
-from core.runtime import build_runtime
-from core.sim import prepare_replay
+from tests.helpers import prepared_runtime
 
 
 @pytest.fixture
 def make_rt(redis_client, redis_url):
     def build(bars: int = 20, **overrides):
-        settings = load_settings(redis_url=redis_url, sim_run_id="exe",
-                                 sim_synthetic_symbols=8, **overrides)
-        rt = build_runtime(settings)
-        prepare_replay(rt, settings)
-        for _ in range(bars):
-            st = rt.replay.state()
-            meta = rt.replay.days()[st.day]
-            adv = rt.replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), 0.0)
-            rt.broker.process_bar(meta, adv.bar, adv.row)
-            rt.replay.settle(meta.date, adv.bar)
-        execution.reconcile(rt, rt.replay.days()[0].date)
-        return rt
+        return prepared_runtime(redis_url, "exe", bars=bars, **overrides)
     return build
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core.brokers.base import OrderRequest
-from core.brokers.simulated import FillModel, SimulatedBroker
+from core.brokers.fill_model import FillModel
+from core.brokers.simulated import SimulatedBroker
 from core.calendar import session_bounds
 from core.keys import Keys
 from core.market.bar_store import BarWindow, RedisBarStore, SessionMeta

@@ -15,7 +15,7 @@ import pytest
 
 from core import execution
 from core.brokers.base import OrderRequest
-from core.brokers.simulated import FillModel
+from core.brokers.fill_model import FillModel
 from core.calendar import session_bounds
 from core.config import load_settings
 from core.engine import _end_of_day
@@ -24,6 +24,7 @@ from core.orders import OrderIntent, entry_client_order_id
 from core.risk import collar_price
 from core.runtime import build_runtime
 from core.sim import prepare_replay
+from tests.helpers import step
 
 DAY = dt.date(2024, 6, 3)
 START = 5  # bars published before a test acts: decisions at bar 4 fill at bar 5
@@ -59,18 +60,6 @@ def make_rt(redis_client, redis_url):
         execution.reconcile(rt, DAY)
         return rt
     return build
-
-
-def step(rt) -> list:
-    """Publish the next bar, fill what is due, let reservations follow, settle the bar."""
-    st = rt.replay.state()
-    meta = rt.replay.days()[st.day]
-    adv = rt.replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), 0.0)
-    assert adv.status == "advanced"
-    events = rt.broker.process_bar(meta, adv.bar, adv.row)
-    execution.apply_fill_events(rt, events)
-    rt.replay.settle(meta.date, adv.bar)
-    return events
 
 
 def entry(rt, side: str = "buy", qty: int = 100, symbol: str = "AAA",

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from core.brokers.simulated import FillModel, cents
+from core.brokers.fill_model import FillModel
+from core.money import cents
 from core.report import TRADE_COLUMNS, summarize, trade_rows, write_outputs
 
 REQUIRED = ["client_order_id", "symbol", "side", "qty", "entry_time", "entry_price",
