@@ -15,6 +15,8 @@ import math
 import time
 from typing import Any, Protocol
 
+import numpy as np
+
 from core.brokers.base import FillEvent
 from core.decision import DecisionInput, decide
 from core.execution import apply_fill_events, reconcile, release_orphans
@@ -119,16 +121,15 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Signals and marks (closes of held and signalled symbols) at one bar, as JSON data."""
+    """Signals and marks (this bar's close of every symbol that has one) as JSON data."""
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
     signals = orb_signals(window, meta.symbols, meta.bar_time(bar), rt.orb_params)
-    held = rt.broker.held_symbols()
-    wanted = held | {s.symbol for s in signals}
+    # marks for every symbol with a price now: cheaper than asking the broker which are held
     closes = window[bar, :, CLOSE]
-    marks = {sym: float(closes[i]) for i, sym in enumerate(meta.symbols)
-             if sym in wanted and math.isfinite(closes[i]) and closes[i] > 0}
+    ok = np.isfinite(closes) & (closes > 0)
+    marks = {meta.symbols[i]: float(closes[i]) for i in np.flatnonzero(ok)}
     return {"date": day.isoformat(), "bar": bar,
             "signals": [s.to_dict() for s in signals], "marks": marks}
 
