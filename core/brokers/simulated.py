@@ -246,10 +246,6 @@ class SimulatedBroker:
         raws = self._r.hmget(self._k.broker("orders"), ids)
         return [Order.from_json(raw) for raw in raws if raw]
 
-    def held_symbols(self) -> set[str]:
-        """Symbols with an open position (one round trip, nothing parsed)."""
-        return {k.decode() for k in self._r.hkeys(self._k.broker("positions"))}
-
     def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
         """Positions and open orders; positions are re-read only when they changed."""
         pipe = self._r.pipeline(transaction=False)
