@@ -16,7 +16,7 @@ from types import ModuleType
 import numpy as np
 
 from core.models import CLOSE, HIGH, LOW, VOLUME
-from core.signals import Signal
+from core.signals import Signal, signals_from_masks
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,6 @@ def orb_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.datet
     short = ok & (close_t < dn) & (close_p >= dn)
     strength_l = (close_t - up) / width
     strength_s = (dn - close_t) / width
-    out: list[Signal] = []
-    for idx in _indices(long_, xp):
-        out.append(Signal(symbols[idx], "buy", "orb", _confidence(strength_l[idx]), bar_time,
-                          float(close_t[idx])))
-    for idx in _indices(short, xp):
-        out.append(Signal(symbols[idx], "sell", "orb", _confidence(strength_s[idx]), bar_time,
-                          float(close_t[idx])))
-    return out
-
-
-def _indices(mask: np.ndarray, xp: ModuleType) -> list[int]:
-    found = xp.nonzero(mask)[0]
-    return [int(i) for i in (found.get() if hasattr(found, "get") else found)]
-
-
-def _confidence(strength: float) -> float:
-    """Rule confidence in [0.5, 1): larger breakouts relative to the range score higher."""
-    return min(round(0.5 + 0.5 * float(np.tanh(4.0 * max(float(strength), 0.0))), 4), 0.9999)
+    # larger breakouts relative to the range score higher
+    return signals_from_masks(symbols, "orb", bar_time, close_t, long_, strength_l, short,
+                              strength_s, xp, scale=4.0)

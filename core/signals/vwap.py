@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from core.models import CLOSE, HIGH, LOW, VOLUME
-from core.signals import Signal
+from core.signals import Signal, signals_from_masks
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,6 @@ def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.date
     short = ok & (cp > upper_p) & (ct < cp) & (ct > vt) & (trend <= params.max_trend_pct)
     stretch_l = (lower_p - cp) / safe_std
     stretch_s = (cp - upper_p) / safe_std
-    out: list[Signal] = []
-    for idx in _indices(long_, xp):
-        out.append(Signal(symbols[idx], "buy", "vwap", _confidence(stretch_l[idx]), bar_time,
-                          float(close_t[idx])))
-    for idx in _indices(short, xp):
-        out.append(Signal(symbols[idx], "sell", "vwap", _confidence(stretch_s[idx]), bar_time,
-                          float(close_t[idx])))
-    return out
-
-
-def _indices(mask: np.ndarray, xp: ModuleType) -> list[int]:
-    found = xp.nonzero(mask)[0]
-    return [int(i) for i in (found.get() if hasattr(found, "get") else found)]
-
-
-def _confidence(stretch: float) -> float:
-    """Rule confidence in [0.5, 1): a larger stretch beyond the band (in stds) scores higher."""
-    return min(round(0.5 + 0.5 * float(np.tanh(max(float(stretch), 0.0))), 4), 0.9999)
+    # a larger stretch beyond the band (in stds) scores higher
+    return signals_from_masks(symbols, "vwap", bar_time, close_t, long_, stretch_l, short,
+                              stretch_s, xp, scale=1.0)
