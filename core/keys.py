@@ -55,9 +55,6 @@ class Keys:
     def tick_guard(self, day: dt.date, bar: int) -> str:
         return self.k(f"tick:{day.isoformat()}:{bar}")
 
-    def tick_stats(self) -> str:
-        return self.k("tick_stats")
-
     # bars ---------------------------------------------------------------------------------
     def bars(self, day: dt.date) -> str:
         return self.k(f"bars:{day.isoformat()}")
