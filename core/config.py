@@ -60,6 +60,19 @@ class Settings(BaseSettings):
     orb_buffer_pct: float = Field(0.0005, ge=0, lt=0.1)
     orb_volume_ratio: float = Field(1.0, ge=0)
     no_entry_minutes_before_close: int = Field(30, ge=0, le=390)
+    # rule strategies that generate entries (comma-separated): orb, vwap
+    strategies: Annotated[tuple[Literal["orb", "vwap"], ...], NoDecode] = ("orb", "vwap")
+    vwap_band_k: float = Field(2.0, gt=0, le=10)
+    vwap_std_minutes: int = Field(30, ge=2, le=390)
+    vwap_min_minutes: int = Field(30, ge=2, le=390)
+    vwap_trend_minutes: int = Field(60, ge=1, le=390)
+    vwap_max_trend_pct: float = Field(0.004, ge=0, lt=1)
+
+    # --- exits (fractions of price, minutes; 0 switches take-profit / max holding off) ----
+    peak_min_distance_minutes: int = Field(3, ge=1, le=120)
+    peak_prominence_pct: float = Field(0.002, ge=0, lt=1)
+    take_profit_pct: float = Field(0.0, ge=0, lt=1)
+    max_holding_minutes: int = Field(0, ge=0, le=390)
 
     # --- models ------------------------------------------------------------------------
     model_dir: Path = Path("models")
@@ -112,6 +125,15 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     flower_port: int = Field(5555, ge=1, le=65535)
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _split_strategies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(p.strip().lower() for p in value.split(",") if p.strip())
+            if not value:
+                raise ValueError("name at least one strategy (orb, vwap)")
+        return value
 
     @field_validator("symbols", "sim_symbols", "sim_hard_to_borrow", mode="before")
     @classmethod

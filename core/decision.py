@@ -1,7 +1,9 @@
 """Turn a bar's signals and marks into order intents (pure; shared by cluster and backtest).
 
-Exits first, then entries, best confidence first, each sized by the risk manager against
-what is left of today's limit. Times are America/New_York; money in cents.
+Exits first (stale positions, the end-of-day window, then the scoring step's rule exits,
+with the stop-loss checked again here as a safety net), then entries, best confidence
+first, each sized by the risk manager against what is left of today's limit. Times are
+America/New_York; money in cents.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class DecisionInput:
     used_cents: int
     halted: bool = False
     exit_attempts: dict[str, int] = field(default_factory=dict)
+    # exits the scoring step found over the bars: symbol -> (reason, entry client order id)
+    rule_exits: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def in_eod_window(decision_time: dt.datetime, close_time: dt.datetime, minutes: int) -> bool:
@@ -65,6 +69,10 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
         if symbol in inp.open_order_symbols:
             continue  # an exit (or entry) is already working for this symbol
         reason = exit_reason(pos, inp.marks.get(symbol), params.limits.stop_loss_pct, eod, date_s)
+        rule = inp.rule_exits.get(symbol)
+        if (reason not in ("stale_position", "eod") and rule is not None
+                and rule[1] == pos.entry_client_order_id):
+            reason = rule[0]  # peak/trough, ML, stop-loss, take-profit, max hold, in order
         if reason is None:
             continue
         attempt = inp.exit_attempts.get(symbol, 0) + 1

@@ -15,15 +15,12 @@ import math
 import time
 from typing import Any, Protocol
 
-import numpy as np
-
 from core.brokers.base import FillEvent
 from core.decision import DecisionInput, decide
 from core.execution import apply_fill_events, reconcile, release_orphans
-from core.models import CLOSE
 from core.runtime import Runtime
+from core.scoring import log_skips, score_bar
 from core.signals import Signal
-from core.signals.orb import orb_signals
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +118,19 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Signals and marks (this bar's close of every symbol that has one) as JSON data."""
+    """Signals, marks (this bar's close of every symbol that has a usable one) and the exits
+    of held positions, as JSON data."""
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
-    signals = orb_signals(window, meta.symbols, meta.bar_time(bar), rt.orb_params)
-    # marks for every symbol with a price now: cheaper than asking the broker which are held
-    closes = window[bar, :, CLOSE]
-    ok = np.isfinite(closes) & (closes > 0)
-    marks = {meta.symbols[i]: float(closes[i]) for i in np.flatnonzero(ok)}
+    positions = rt.broker.positions_cached()
+    scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
+                       rt.scoring_params(meta.bar_seconds), exit_model=None)
+    if scored.skipped:
+        log_skips(day, scored.skipped, rt.skip_log_seen)
     return {"date": day.isoformat(), "bar": bar,
-            "signals": [s.to_dict() for s in signals], "marks": marks}
+            "signals": [s.to_dict() for s in scored.signals], "marks": scored.marks,
+            "exits": {sym: list(v) for sym, v in scored.exits.items()}}
 
 
 # --- decide ---------------------------------------------------------------------------------
@@ -176,6 +175,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         entered_today=frozenset(x.decode() for x in entered_raw),
         used_cents=int(used_raw or 0), halted=halted,
         exit_attempts={sym: pos.exit_attempt for sym, pos in positions.items()},
+        rule_exits={sym: (str(v[0]), str(v[1])) for sym, v in scored.get("exits", {}).items()},
     )
     intents = decide(inp, rt.decision_params)
     if not intents:

@@ -1,20 +1,226 @@
-"""Exit rules for held positions, checked in the design's order (pure).
+"""Exit rules for held positions (pure; numpy or cupy for the vectorised part).
 
-Order: end of day (and positions left from an earlier session), stop-loss from the average
-entry price and STOP_LOSS_PCT. Peak/trough and ML exits plug in ahead of the stop-loss.
+Two layers:
+
+* ``exit_codes``: the per-bar rules over a ``[T, S]`` close array, vectorised over every held
+  symbol, in the design's order: peak (longs) / trough (shorts), ML exit score, stop-loss,
+  then the optional take-profit and maximum holding time. Row ``t`` uses bars ``<= t`` only.
+* ``exit_reason``: the checks that need no bars at all, done in the decision step for every
+  position: a position left from an earlier session, the end-of-day window, and the
+  stop-loss again as a safety net when a position has no row in the scored bar.
+
+Peaks and troughs (``confirmed_extremes``): a close at bar ``p`` (``p >= entry``) is a peak
+once ``distance`` more bars have closed and none of the closes within ``distance`` bars on
+either side (since entry) is higher, and it stands at least ``prominence`` (a fraction of the
+peak) above the lowest close between the entry and ``p``. A peak is therefore known only at
+bar ``p + distance`` at the earliest: no look-ahead. Troughs mirror it. A long exits at the
+close of bar ``t`` when that close is ``drop`` (``PEAK_EXIT_DROP_THRESHOLD``) or more below
+the highest confirmed peak since entry; a short when it is that much above the lowest
+confirmed trough.
+
+Prices are US dollars, thresholds fractions, bars the session's bar index.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from decimal import Decimal
+from types import ModuleType
+from typing import Any
+
+import numpy as np
 
 from core.brokers.base import Position
+
+# exit codes of ``exit_codes``; 0 = hold. Their names are the exit reasons in trades.csv.
+REASONS: tuple[str, ...] = ("", "peak", "trough", "ml_exit", "stop_loss", "take_profit",
+                            "max_hold")
+HOLD, PEAK, TROUGH, ML_EXIT, STOP_LOSS, TAKE_PROFIT, MAX_HOLD = range(len(REASONS))
+
+
+@dataclass(frozen=True)
+class ExitParams:
+    """Exit settings: fractions of price, bars, and a score threshold in [0, 1].
+
+    ``take_profit_pct`` 0 and ``max_holding_bars`` 0 switch those rules off.
+    """
+
+    stop_loss_pct: float = 0.01
+    peak_drop_pct: float = 0.005
+    peak_distance_bars: int = 3
+    peak_prominence_pct: float = 0.002
+    ml_exit_threshold: float = 0.7
+    take_profit_pct: float = 0.0
+    max_holding_bars: int = 0
+
+
+def _cum(a: np.ndarray, op: str, xp: ModuleType) -> np.ndarray:
+    """Running max or min along axis 0 (a row loop or accumulate on numpy; a doubling scan
+    elsewhere, since not every array module has ``ufunc.accumulate``)."""
+    fn = xp.maximum if op == "max" else xp.minimum
+    if xp is np:
+        if a.ndim == 2 and a.shape[1] >= 64:  # row by row is ~3x faster than accumulate here
+            out = np.empty_like(a)
+            if a.shape[0]:
+                out[0] = a[0]
+            for i in range(1, a.shape[0]):
+                fn(out[i - 1], a[i], out=out[i])
+            return out
+        return fn.accumulate(a, axis=0)
+    out = a.copy()
+    step = 1
+    while step < out.shape[0]:
+        out[step:] = fn(out[step:], out[:-step].copy())
+        step *= 2
+    return out
+
+
+def _keep_or_neg_inf(a: np.ndarray, keep: np.ndarray, xp: ModuleType) -> np.ndarray:
+    """``a`` where ``keep`` and not NaN, -inf elsewhere (cheaper than ``where`` on numpy)."""
+    ceiling = (keep.astype(a.dtype) * 2.0 - 1.0) * xp.inf  # +inf keep, -inf drop
+    return xp.minimum(xp.fmax(a, -xp.inf), ceiling)
+
+
+def _window_extreme(a: np.ndarray, width: int, fn: Any, xp: ModuleType) -> np.ndarray:
+    """``fn`` (maximum/minimum) over rows ``[i, i + width)`` for each valid start ``i``."""
+    out = a
+    span = 1
+    while span * 2 <= width:  # sparse table: extremes over spans of 1, 2, 4, ...
+        out = fn(out[:-span], out[span:])
+        span *= 2
+    rest = width - span
+    return fn(out[: out.shape[0] - rest], out[rest:]) if rest else out
+
+
+def confirmed_extremes(close: np.ndarray, entry_bar: np.ndarray, distance: int,
+                       prominence: float, xp: ModuleType = np,
+                       last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Highest confirmed peak and lowest confirmed trough since entry, known at each bar.
+
+    ``close`` is ``[T, S]`` (NaN where a bar is missing), ``entry_bar`` ``[S]`` ints. Returns
+    two ``[T, S]`` arrays (US dollars), NaN where none is confirmed yet; with ``last_only``
+    just the last bar's ``[S]`` values. Row ``t`` depends on ``close[: t + 1]`` only.
+    """
+    return (_confirmed(close, entry_bar, distance, prominence, xp, last_only, True),
+            _confirmed(close, entry_bar, distance, prominence, xp, last_only, False))
+
+
+def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominence: float,
+               xp: ModuleType, last_only: bool, peaks: bool) -> np.ndarray:
+    """Peaks (``peaks``) or troughs of ``confirmed_extremes``, computed on the negated
+    series for troughs so that one code path serves both."""
+    n_bars, n_sym = close.shape
+    d = max(int(distance), 1)
+    out_shape = (n_sym,) if last_only else close.shape
+    if n_bars <= d or n_sym == 0:
+        return xp.full(out_shape, xp.nan)
+    first = int(entry_bar.min())  # no candidate before the earliest entry: skip those rows
+    first = min(max(first, 0), n_bars - 1)
+    x = close[first:] if peaks else -close[first:]
+    rows = x.shape[0]
+    hi = _keep_or_neg_inf(x, xp.arange(first, n_bars)[:, None] >= entry_bar[None, :], xp)
+    sign = 1.0 if peaks else -1.0
+    m = rows - d  # candidates p whose neighbourhood [p - d, p + d] is fully known
+    if m <= 0:
+        return xp.full(out_shape, xp.nan)
+    near = _window_extreme(xp.concatenate([xp.full((d, n_sym), -xp.inf), hi]), 2 * d + 1,
+                           xp.maximum, xp)[:m]
+    hp = hi[:m]
+    low_before = -_cum(-hp, "max", xp)  # lowest (highest for troughs) since entry, up to p
+    # prominence as a fraction of the extreme's price: |peak - lowest before| >= prom x |peak|
+    with np.errstate(invalid="ignore"):
+        ok = (hp > -xp.inf) & (hp >= near) & (hp - low_before >= prominence * xp.abs(hp))
+    cand = _keep_or_neg_inf(hp, ok, xp)
+    if last_only:
+        best = cand.max(axis=0)
+    else:
+        # a candidate at p is known at p + d: shift down by d, then keep the running best
+        best = xp.full(close.shape, -xp.inf)
+        best[first + d:] = _cum(cand, "max", xp)
+    return xp.where(xp.isfinite(best), sign * best, xp.nan)
+
+
+def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
+                   params: ExitParams, xp: ModuleType,
+                   last_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks of the long columns and troughs of the short ones (NaN elsewhere)."""
+    shape = (close.shape[1],) if last_only else close.shape
+    out = []
+    for peaks, cols in ((True, direction > 0), (False, direction < 0)):
+        level = xp.full(shape, xp.nan)
+        idx = xp.nonzero(cols)[0]
+        if idx.shape[0]:
+            got = _confirmed(close[:, idx], entry_bar[idx], params.peak_distance_bars,
+                             params.peak_prominence_pct, xp, last_only, peaks)
+            level[..., idx] = got
+        out.append(level)
+    return out[0], out[1]
+
+
+def exit_codes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
+               entry_price: np.ndarray, params: ExitParams,
+               ml_score: np.ndarray | None = None, xp: ModuleType = np,
+               last_only: bool = False) -> np.ndarray:
+    """Exit code per bar and held symbol (``[T, S]`` ints, indexes into ``REASONS``; with
+    ``last_only`` the last bar's ``[S]``).
+
+    ``direction`` is +1 (long) / -1 (short) per symbol, ``entry_price`` the average entry
+    price (US dollars), ``entry_bar`` the bar whose open filled the entry; ``ml_score``
+    (``[T, S]``, or ``[S]`` for the last bar; NaN = no score) is the exit model's probability.
+    A bar without a close, or before the entry, holds (0). The first rule that fires, in
+    ``REASONS`` order, is the reason.
+    """
+    n_bars = close.shape[0]
+    peak, trough = _side_extremes(close, entry_bar, direction, params, xp, last_only)
+    if last_only:
+        close = close[-1:]
+        peak, trough = peak[None, :], trough[None, :]
+        bars = xp.asarray([[n_bars - 1]])
+        if ml_score is not None:
+            ml_score = ml_score[-1:] if ml_score.ndim == 2 else ml_score[None, :]
+    else:
+        bars = xp.arange(n_bars)[:, None]
+        if ml_score is not None and ml_score.ndim == 1:  # the last bar's scores only
+            full = xp.full(close.shape, xp.nan)
+            full[-1] = ml_score
+            ml_score = full
+    with np.errstate(invalid="ignore"):
+        live = (bars >= entry_bar[None, :]) & (close > 0)  # NaN compares False
+    c = xp.nan_to_num(close)
+    long_ = (direction > 0)[None, :]
+    short = (direction < 0)[None, :]
+    avg = entry_price[None, :]
+    drop = params.peak_drop_pct
+    rules: list[tuple[int, np.ndarray]] = [
+        (PEAK, long_ & ~xp.isnan(peak) & (c <= xp.nan_to_num(peak) * (1 - drop))),
+        (TROUGH, short & ~xp.isnan(trough) & (c >= xp.nan_to_num(trough) * (1 + drop))),
+    ]
+    if ml_score is not None:
+        rules.append((ML_EXIT, ~xp.isnan(ml_score)
+                      & (xp.nan_to_num(ml_score) >= params.ml_exit_threshold)))
+    sl = params.stop_loss_pct
+    rules.append((STOP_LOSS, (long_ & (c <= avg * (1 - sl))) | (short & (c >= avg * (1 + sl)))))
+    if params.take_profit_pct > 0:
+        tp = params.take_profit_pct
+        rules.append((TAKE_PROFIT, (long_ & (c >= avg * (1 + tp)))
+                      | (short & (c <= avg * (1 - tp)))))
+    if params.max_holding_bars > 0:
+        # held for (t - entry + 1) bars at the close of bar t
+        rules.append((MAX_HOLD, bars - entry_bar[None, :] + 1 >= params.max_holding_bars))
+    codes = xp.zeros(close.shape, dtype=xp.int8)
+    for code, hit in reversed(rules):  # earlier rules overwrite later ones
+        codes = xp.where(live & hit, code, codes)
+    return codes[0] if last_only else codes
 
 
 def exit_reason(position: Position, mark: float | None, stop_loss_pct: float,
                 in_eod_window: bool, session_date: str) -> str | None:
-    """Why ``position`` must be closed at this bar's close ``mark`` (US dollars), or None."""
+    """Bar-free exit checks for ``position`` at this bar's close ``mark`` (US dollars).
+
+    Stale (an earlier session's) position, then the end-of-day window, then the stop-loss
+    from the average entry price (exact Decimal comparison); None: hold.
+    """
     if position.session_date != session_date:
         return "stale_position"
     if in_eod_window:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis import Redis
 
@@ -17,7 +17,7 @@ from core.market.bar_store import BarWindow, RedisBarStore
 from core.replay import RedisReplay
 from core.risk import RiskLimits
 from core.risk_store import RedisDailyLimitStore
-from core.signals.orb import OrbParams
+from core.scoring import ScoringParams
 
 
 @dataclass
@@ -48,12 +48,16 @@ class Runtime:
             max_position_value_cents=s.max_position_value_cents,
         )
 
-    @property
-    def orb_params(self) -> OrbParams:
-        """The ORB strategy's slice of the settings."""
-        s = self.settings
-        return OrbParams(range_bars=s.orb_minutes, buffer_pct=s.orb_buffer_pct,
-                         volume_ratio=s.orb_volume_ratio)
+    skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    _scoring: dict[int, ScoringParams] = field(default_factory=dict)
+
+    def scoring_params(self, bar_seconds: int) -> ScoringParams:
+        """The scoring step's slice of the settings for bars of ``bar_seconds``."""
+        cached = self._scoring.get(bar_seconds)
+        if cached is None:
+            cached = self._scoring[bar_seconds] = ScoringParams.from_settings(self.settings,
+                                                                              bar_seconds)
+        return cached
 
 
 def connect_redis(url: str) -> Redis:

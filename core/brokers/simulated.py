@@ -252,30 +252,37 @@ class SimulatedBroker:
         pipe.get(self._k.broker("positions_version"))
         pipe.smembers(self._k.broker("open_orders"))
         version, open_ids = pipe.execute()
-        cached = self._positions_cache
-        if cached is not None and version is not None and cached[0] == version:
-            positions = dict(cached[1])
-        else:
-            pipe = self._r.pipeline(transaction=True)
-            pipe.get(self._k.broker("positions_version"))
-            pipe.hgetall(self._k.broker("positions"))
-            version, raw_pos = pipe.execute()
-            positions = {}
-            parsed = {}
-            for key, raw in raw_pos.items():
-                sym = key.decode()
-                hit = self._parsed.get(sym)
-                pos = hit[1] if hit is not None and hit[0] == raw else Position.from_json(raw)
-                parsed[sym] = (raw, pos)
-                positions[sym] = pos
-            self._parsed = parsed  # only positions whose stored JSON changed were parsed
-            self._positions_cache = (version, dict(positions))
+        positions = self._positions_at(version)
         ids = sorted(x.decode() for x in open_ids)
         orders = []
         if ids:
             orders = [Order.from_json(r) for r in self._r.hmget(self._k.broker("orders"), ids)
                       if r]
         return positions, orders
+
+    def positions_cached(self) -> dict[str, Position]:
+        """Open positions by symbol: one round trip when nothing changed since the last read."""
+        return self._positions_at(self._r.get(self._k.broker("positions_version")))
+
+    def _positions_at(self, version: bytes | None) -> dict[str, Position]:
+        cached = self._positions_cache
+        if cached is not None and version is not None and cached[0] == version:
+            return dict(cached[1])
+        pipe = self._r.pipeline(transaction=True)
+        pipe.get(self._k.broker("positions_version"))
+        pipe.hgetall(self._k.broker("positions"))
+        version, raw_pos = pipe.execute()
+        positions = {}
+        parsed = {}
+        for key, raw in raw_pos.items():
+            sym = key.decode()
+            hit = self._parsed.get(sym)
+            pos = hit[1] if hit is not None and hit[0] == raw else Position.from_json(raw)
+            parsed[sym] = (raw, pos)
+            positions[sym] = pos
+        self._parsed = parsed  # only positions whose stored JSON changed were parsed
+        self._positions_cache = (version, dict(positions))
+        return positions
 
     def get_positions(self) -> dict[str, Position]:
         """Open positions by symbol."""

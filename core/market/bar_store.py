@@ -153,7 +153,9 @@ class BarWindow:
             raise ValueError(f"session {day} not started in the bar store")
         if self._day != day:
             self._day = day
-            self._buf = np.full((meta.n_bars, len(meta.symbols), 5), np.nan)
+            # field-major storage seen through a [T, S, 5] view: window[:, :, CLOSE] and the
+            # other fields are contiguous [T, S] arrays, which the rules read fastest
+            self._buf = np.full((5, meta.n_bars, len(meta.symbols)), np.nan).transpose(1, 2, 0)
             self._n = 0
         if self._n <= upto_bar:
             new = self._store.read(day, self._n)

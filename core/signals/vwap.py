@@ -45,23 +45,26 @@ class VwapParams:
     max_trend_pct: float = 0.004
 
 
-def session_vwap(window: np.ndarray, xp: ModuleType = np) -> np.ndarray:
-    """Cumulative session VWAP per bar and symbol, [t+1, S], from ``window`` ([t+1, S, 5]).
+def session_vwap(window: np.ndarray, xp: ModuleType = np, start: int = 0) -> np.ndarray:
+    """Cumulative session VWAP per bar and symbol, [t+1-start, S], from ``window``
+    ([t+1, S, 5]), for bars ``start..t`` (the bars before ``start`` still count).
 
     Typical price (h+l+c)/3 x volume. A bar with any of high/low/close/volume missing, or
     with zero (or negative) volume, contributes nothing: the previous VWAP carries. NaN until
     the first bar with volume.
     """
-    hi = window[:, :, HIGH]
-    lo = window[:, :, LOW]
-    cl = window[:, :, CLOSE]
+    typical = (window[:, :, HIGH] + window[:, :, LOW] + window[:, :, CLOSE]) / 3.0
     vol = window[:, :, VOLUME]
-    typical = (hi + lo + cl) / 3.0
-    valid = ~(xp.isnan(typical) | xp.isnan(vol)) & (xp.nan_to_num(vol) > 0)
-    pv = xp.cumsum(xp.where(valid, typical * xp.where(valid, vol, 0.0), 0.0), axis=0)
-    cv = xp.cumsum(xp.where(valid, vol, 0.0), axis=0)
+    # prices are positive, so a usable bar has pv > 0; fmax turns NaN (and negatives) into 0
+    pv = xp.fmax(typical * vol, 0.0)
+    v = xp.fmax(vol, 0.0) * (pv > 0)
+    pv_c = xp.cumsum(pv[start:], axis=0)
+    cv = xp.cumsum(v[start:], axis=0)
+    if start > 0:  # the bars before ``start`` enter as one sum: cheaper than a full cumsum
+        pv_c += pv[:start].sum(axis=0)
+        cv += v[:start].sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return xp.where(cv > 0, pv / xp.where(cv > 0, cv, 1.0), xp.nan)
+        return xp.where(cv > 0, pv_c / xp.where(cv > 0, cv, 1.0), xp.nan)
 
 
 def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.datetime,
@@ -76,16 +79,18 @@ def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.date
     t = window.shape[0] - 1
     if t < 1 or t + 1 < params.min_bars:
         return []
-    vwap = session_vwap(window, xp)
+    # only the VWAP of the last bars is needed: the std window and the trend base
+    first = max(min(t - params.std_bars, t - params.trend_bars), 0)
+    tail = session_vwap(window, xp, first)
     close = window[:, :, CLOSE]
     close_t = close[t]
     close_p = close[t - 1]
-    vwap_t = vwap[t]
-    vwap_p = vwap[t - 1]
+    vwap_t = tail[t - first]
+    vwap_p = tail[t - 1 - first]
 
     # Rolling std of (close - VWAP) over the std_bars bars ending at t-1 (NaN bars skipped).
     start = max(t - params.std_bars, 0)
-    dev = close[start:t] - vwap[start:t]
+    dev = close[start:t] - tail[start - first:t - first]
     present = ~xp.isnan(dev)
     n = present.sum(axis=0)
     d0 = xp.where(present, dev, 0.0)
@@ -93,7 +98,7 @@ def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.date
     var = xp.where(present, (d0 - mean) ** 2, 0.0).sum(axis=0) / xp.maximum(n, 1)
     std = xp.sqrt(var)
 
-    base = vwap[max(t - params.trend_bars, 0)]
+    base = tail[max(t - params.trend_bars, 0) - first]
     with np.errstate(divide="ignore", invalid="ignore"):
         trend = xp.nan_to_num((vwap_t - base) / vwap_t, nan=0.0, posinf=0.0, neginf=0.0)
 

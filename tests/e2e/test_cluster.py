@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 import signal
@@ -28,9 +29,10 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_sim(redis_url: str, out: Path, *args: str, timeout: float = 240) -> dict:
+def run_sim(redis_url: str, out: Path, *args: str, timeout: float = 240,
+            env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run([str(BIN / "daytrader"), "sim", *args, "--out", str(out), "--quiet"],
-                          env=base_env(redis_url), capture_output=True, text=True,
+                          env=base_env(redis_url, **(env or {})), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -53,15 +55,40 @@ def check_invariants(summary: dict, trades: list[dict[str, str]]) -> None:
             assert day["last_exit_time"] < day["close_time"]
 
 
-def test_sim_over_real_bars(redis_client, redis_url, shared_bars, tmp_path) -> None:
+# Exits tuned so that every rule exit shows up within five real days: a tight stop below the
+# peak drop, a take-profit, a maximum holding time, and a per-position cap so that many
+# positions (also late ones, which the end-of-day window closes) are opened.
+REAL_BARS_EXITS = {
+    "TRADING_DAILY_POSITION_LIMIT": "50000", "TRADING_MAX_POSITION_VALUE": "2000",
+    "TRADING_MAX_OPEN_POSITIONS": "20", "TRADING_STOP_LOSS_PCT": "0.004",
+    "TRADING_PEAK_EXIT_DROP_THRESHOLD": "0.006", "TRADING_TAKE_PROFIT_PCT": "0.008",
+    "TRADING_MAX_HOLDING_MINUTES": "200", "TRADING_NO_ENTRY_MINUTES_BEFORE_CLOSE": "15",
+}
+
+
+def test_sim_over_real_bars_shows_both_strategies_and_every_exit(
+        redis_client, redis_url, shared_bars, tmp_path) -> None:
     out = tmp_path / "real"
     summary = run_sim(redis_url, out, "--data", str(shared_bars), "--from", "2019-02-11",
-                      "--days", "1", "--speed", "6000")
+                      "--days", "5", "--speed", "6000", env=REAL_BARS_EXITS, timeout=400)
     trades = read_trades(out)
-    assert summary["days"] == 1 and summary["completed"] is True
+    assert summary["days"] == 5 and summary["completed"] is True
     assert summary["trades"] == len(trades) > 0
     check_invariants(summary, trades)
-    assert {t["exit_reason"] for t in trades} <= {"stop_loss", "eod"}
+    assert {t["strategy"] for t in trades} == {"orb", "vwap"}
+    reasons = {t["exit_reason"] for t in trades}
+    assert reasons == {"peak", "trough", "stop_loss", "take_profit", "max_hold", "eod"}
+    for t in trades:  # each exit agrees with its rule at the exit bar's mark
+        entry, exit_ = float(t["entry_price"]), float(t["exit_price"])
+        held = (dt.datetime.fromisoformat(t["exit_time"])
+                - dt.datetime.fromisoformat(t["entry_time"]))
+        if t["exit_reason"] == "max_hold":
+            assert held >= dt.timedelta(minutes=200)
+        if t["exit_reason"] == "peak":
+            assert t["side"] == "buy"
+        if t["exit_reason"] == "trough":
+            assert t["side"] == "sell"
+        assert entry > 0 and exit_ > 0
 
 
 def test_synthetic_early_close_is_flat_and_deterministic(redis_client, redis_url, tmp_path):
