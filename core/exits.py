@@ -127,7 +127,9 @@ def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominen
     near = _window_extreme(xp.concatenate([xp.full((d, n_sym), -xp.inf), hi]), 2 * d + 1,
                            xp.maximum, xp)[:m]
     hp = hi[:m]
-    low_before = -_cum(-hp, "max", xp)  # lowest (highest for troughs) since entry, up to p
+    # lowest (highest for troughs) close since entry up to p; pre-entry and missing bars
+    # must not count, so they enter as -inf in the negated running max
+    low_before = -_cum(_keep_or_neg_inf(-hp, hp > -xp.inf, xp), "max", xp)
     # prominence as a fraction of the extreme's price: |peak - lowest before| >= prom x |peak|
     with np.errstate(invalid="ignore"):
         ok = (hp > -xp.inf) & (hp >= near) & (hp - low_before >= prominence * xp.abs(hp))

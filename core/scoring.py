@@ -86,7 +86,8 @@ def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
     some = nan.any(axis=1) & ~none
     with np.errstate(invalid="ignore"):
         bad_px = ~nan[:, :4].any(axis=1) & (
-            (row[:, :4] <= 0).any(axis=1) | (row[:, HIGH] < row[:, LOW])
+            (row[:, :4] <= 0).any(axis=1) | ~np.isfinite(row[:, :4]).all(axis=1)
+            | (row[:, HIGH] < row[:, LOW])
             | (row[:, CLOSE] > row[:, HIGH]) | (row[:, CLOSE] < row[:, LOW])
             | (row[:, OPEN] > row[:, HIGH]) | (row[:, OPEN] < row[:, LOW]))
         zero_vol = ~nan[:, VOLUME] & (row[:, VOLUME] <= 0)
@@ -95,7 +96,7 @@ def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
     for i in np.flatnonzero(some):
         out[symbols[i]] = "incomplete bar (NaN field)"
     for i in np.flatnonzero(bad_px):
-        out[symbols[i]] = "inconsistent prices (non-positive or outside high/low)"
+        out[symbols[i]] = "inconsistent prices (non-positive, infinite or outside high/low)"
     for i in np.flatnonzero(zero_vol & ~bad_px & ~some):
         out[symbols[i]] = "zero volume"
     return out

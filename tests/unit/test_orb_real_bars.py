@@ -1,8 +1,12 @@
-"""ORB over the real development bars: it fires on some symbol-days and not on others."""
+"""ORB and VWAP over the real development bars: each fires on some symbol-days and not on
+others."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from core.market.files import load_days
+from core.scoring import ScoringParams, score_bar
 from core.signals.orb import OrbParams, orb_signals
 
 
@@ -26,3 +30,30 @@ def test_orb_fires_on_some_days_and_not_others(shared_bars, capsys) -> None:
     assert 0 < longs < symbol_days
     assert 0 < shorts < symbol_days
     assert len(fired) < symbol_days  # some symbol-days never break out
+
+
+def test_each_rule_fires_on_some_symbol_days_and_not_others(shared_bars, capsys) -> None:
+    """ORB and VWAP, long and short, scored bar by bar with the default settings."""
+    params = ScoringParams()
+    rules = [("orb", "buy"), ("orb", "sell"), ("vwap", "buy"), ("vwap", "sell")]
+    fired: dict[tuple[str, str], set[tuple[str, str]]] = {rule: set() for rule in rules}
+    symbol_days: set[tuple[str, str]] = set()
+    for day in load_days(shared_bars):
+        window = np.ascontiguousarray(day.ohlcv.transpose(2, 0, 1)).transpose(1, 2, 0)
+        date = day.date.isoformat()
+        symbol_days |= {(date, s) for i, s in enumerate(day.symbols)
+                        if np.isfinite(day.ohlcv[:, i, 3]).any()}
+        for t in range(day.n_bars):
+            scored = score_bar(window[: t + 1], day.symbols, day.open_time, day.bar_seconds,
+                               {}, params)
+            for sig in scored.signals:
+                fired[(sig.source, sig.side)].add((date, sig.symbol))
+    n = len(symbol_days)
+    with capsys.disabled():
+        print(f"\nRules on real bars (score_bar, default settings), {n} symbol-days:")
+        for (source, side), where in fired.items():
+            name = f"{source.upper()} {'long' if side == 'buy' else 'short'}"
+            print(f"  {name:<10} fires on {len(where):>3}, never on {n - len(where):>3}")
+    for rule, where in fired.items():
+        assert where <= symbol_days, rule
+        assert 0 < len(where) < n, rule
