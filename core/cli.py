@@ -3,6 +3,8 @@
 ``daytrader sim`` starts the real cluster (Redis if none answers, a gpu worker, an exec
 worker, beat, optionally Flower) as processes over a replayed or synthetic run, shows a
 progress line, stops what it started and writes ``summary.json`` and ``trades.csv``.
+``daytrader train`` trains the entry and exit models walk-forward over bar files, writes a
+model version (with ``metrics.json``) and promotes it when it beats the current one.
 """
 
 from __future__ import annotations
@@ -50,6 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--stall-timeout", type=float, default=120.0,
                      help="give up when the replay makes no progress for this many seconds")
     sim.add_argument("--quiet", action="store_true", help="no progress line")
+
+    train = sub.add_parser("train", help="train the entry/exit models walk-forward over bar files")
+    train.add_argument("--data", type=Path, required=True,
+                       help="folder of bar files (SYMBOL_1min.csv.gz)")
+    train.add_argument("--model-dir", type=Path,
+                       help="model registry folder (default TRADING_MODEL_DIR)")
+    train.add_argument("--from", dest="from_", type=_date, help="first session date")
+    train.add_argument("--to", type=_date, help="last session date")
+    train.add_argument("--symbols", nargs="+",
+                       help="symbols, comma- or space-separated (default: all in --data)")
+    train.add_argument("--folds", type=int, default=5, help="walk-forward folds (default 5)")
+    train.add_argument("--purge-days", type=int, default=1,
+                       help="sessions dropped between training and validation (default 1)")
+    train.add_argument("--promote", action=argparse.BooleanOptionalAction, default=True,
+                       help="make the new version current if it beats the current one "
+                            "(default: --promote)")
+    train.add_argument("--rows", choices=("signals", "all"), default="signals",
+                       help="entry rows: rule signals only, or also every k-th bar")
+    train.add_argument("--entry-threshold", type=float,
+                       help="entry decision probability (default: break-even of the barriers)")
+    train.add_argument("--seed", type=int, default=7, help="XGBoost seed")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -131,6 +155,67 @@ def run_sim(args: argparse.Namespace) -> int:
         cluster.stop()
         if private is not None:
             private.stop()
+
+
+def _train_symbols(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [p.strip().upper() for v in values for p in v.split(",") if p.strip()]
+    if not out:
+        raise ConfigError("--symbols names no symbol")
+    return list(dict.fromkeys(out))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train walk-forward, write a model version, print the per-fold table, maybe promote."""
+    import hashlib
+
+    from core.config import load_settings
+    from core.market.files import list_bar_files, load_days
+    from core.scoring import ScoringParams
+    from ml.dataset import DatasetParams
+    from ml.registry import promote, save_version
+    from ml.train import TrainParams, format_fold_table, train_models
+
+    settings = load_settings()
+    model_dir: Path = args.model_dir or settings.model_dir
+    if args.from_ and args.to and args.from_ > args.to:
+        raise ConfigError(f"--from {args.from_} is after --to {args.to}")
+    if args.folds < 1 or args.purge_days < 0:
+        raise ConfigError("--folds must be >= 1 and --purge-days >= 0")
+    if args.entry_threshold is not None and not 0 <= args.entry_threshold <= 1:
+        raise ConfigError("--entry-threshold must be a probability in [0, 1]")
+    symbols = _train_symbols(args.symbols)
+    days = load_days(args.data, symbols, args.from_, args.to)
+    if not days:
+        raise ConfigError(f"no sessions in {args.data} between {args.from_ or 'the start'} "
+                          f"and {args.to or 'the end'}")
+    files = list_bar_files(args.data)
+    used = symbols or sorted(files)
+    dataset = DatasetParams.from_settings(settings, rows=args.rows)
+    params = TrainParams(folds=args.folds, purge_days=args.purge_days,
+                         entry_threshold=args.entry_threshold,
+                         exit_threshold=settings.ml_exit_threshold, seed=args.seed)
+    print(f"daytrader train: {len(days)} session(s) {days[0].date}..{days[-1].date}, "
+          f"{len(used)} symbol(s), {args.folds} fold(s), purge {args.purge_days} day(s)",
+          file=sys.stderr)
+    result = train_models(days, dataset, params,
+                          ScoringParams.from_settings(settings, days[0].bar_seconds),
+                          progress=not args.quiet)
+    result.metadata["data"]["files"] = {
+        files[s].name: hashlib.sha256(files[s].read_bytes()).hexdigest() for s in used}
+    result.metadata["data"]["source"] = str(Path(args.data).resolve())
+    version = save_version(model_dir, result.entry_model, result.exit_model,
+                           result.metadata, result.metrics)
+    print(format_fold_table(result.metrics))
+    print(f"written: {model_dir / version}")
+    if args.promote:
+        decision = promote(model_dir, version, result.oos_entry, result.oos_entry_pred)
+        verdict = "promoted to current" if decision.promoted else "not promoted"
+        print(f"{verdict}: {decision.reason}")
+    else:
+        print("not promoted (--no-promote)")
+    return 0
 
 
 def _refuse_if_busy(url: str) -> None:
@@ -221,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sim":
             return run_sim(args)
+        if args.command == "train":
+            return run_train(args)
     except (ConfigError, TradingError) as exc:
         print(f"daytrader: error: {exc}", file=sys.stderr)
         return 2
