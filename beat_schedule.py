@@ -1,5 +1,5 @@
-"""Beat entries: the per-bar tick (with ``expires`` so a late tick is dropped), the EOD task
-and the periodic reconciliation with the broker.
+"""Beat entries: the per-bar tick (with ``expires`` so a late tick is dropped), the EOD task,
+the periodic reconciliation with the broker and, in paper/live, the nightly training.
 
 The EOD task fires often and acts only inside ``EOD_CLOSE_MINUTES_BEFORE`` of that day's real
 close, so early closes need no special schedule. Reconcile runs every
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
+
 from core.config import Settings
 
 
@@ -18,7 +20,7 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     tick = settings.bar_interval_s
     sim = settings.mode == "sim"
     reconcile = max(tick * 30.0, 5.0) if sim else settings.reconcile_seconds
-    return {
+    schedule: dict[str, dict[str, Any]] = {
         "tick": {
             "task": "tasks.tick",
             "schedule": tick,
@@ -35,3 +37,11 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": reconcile},
         },
     }
+    if not sim:  # the simulated clock has no night; train by hand with `daytrader train`
+        schedule["train-models"] = {
+            "task": "tasks.train_models",
+            # 16:45 New York time (celeryconfig's timezone) on weekdays, after every close
+            "schedule": crontab(hour=16, minute=45, day_of_week="mon-fri"),
+            "options": {"expires": 6 * 3600},
+        }
+    return schedule

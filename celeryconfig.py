@@ -59,7 +59,8 @@ task_time_limit = _settings.task_time_limit_s
 worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = False
-timezone = "UTC"
+# crontab entries (the nightly training) follow New York time; messages stay in UTC
+timezone = "America/New_York"
 enable_utc = True
 
 imports = ("tasks.trading",)

@@ -168,53 +168,24 @@ def _train_symbols(values: list[str] | None) -> list[str] | None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train walk-forward, write a model version, print the per-fold table, maybe promote."""
-    import hashlib
-
     from core.config import load_settings
-    from core.market.files import list_bar_files, load_days
-    from core.scoring import ScoringParams
-    from ml.dataset import DatasetParams
-    from ml.registry import promote, save_version
-    from ml.train import TrainParams, format_fold_table, train_models
+    from ml.train import train_from_files
 
     settings = load_settings()
     model_dir: Path = args.model_dir or settings.model_dir
-    if args.from_ and args.to and args.from_ > args.to:
-        raise ConfigError(f"--from {args.from_} is after --to {args.to}")
-    if args.folds < 1 or args.purge_days < 0:
-        raise ConfigError("--folds must be >= 1 and --purge-days >= 0")
-    if args.entry_threshold is not None and not 0 <= args.entry_threshold <= 1:
-        raise ConfigError("--entry-threshold must be a probability in [0, 1]")
     symbols = _train_symbols(args.symbols)
-    days = load_days(args.data, symbols, args.from_, args.to)
-    if not days:
-        raise ConfigError(f"no sessions in {args.data} between {args.from_ or 'the start'} "
-                          f"and {args.to or 'the end'}")
-    files = list_bar_files(args.data)
-    used = symbols or sorted(files)
-    dataset = DatasetParams.from_settings(settings, rows=args.rows)
-    params = TrainParams(folds=args.folds, purge_days=args.purge_days,
-                         entry_threshold=args.entry_threshold,
-                         exit_threshold=settings.ml_exit_threshold, seed=args.seed)
-    print(f"daytrader train: {len(days)} session(s) {days[0].date}..{days[-1].date}, "
-          f"{len(used)} symbol(s), {args.folds} fold(s), purge {args.purge_days} day(s)",
-          file=sys.stderr)
-    result = train_models(days, dataset, params,
-                          ScoringParams.from_settings(settings, days[0].bar_seconds),
-                          progress=not args.quiet)
-    result.metadata["data"]["files"] = {
-        files[s].name: hashlib.sha256(files[s].read_bytes()).hexdigest() for s in used}
-    result.metadata["data"]["source"] = str(Path(args.data).resolve())
-    version = save_version(model_dir, result.entry_model, result.exit_model,
-                           result.metadata, result.metrics)
-    print(format_fold_table(result.metrics))
-    print(f"written: {model_dir / version}")
-    if args.promote:
-        decision = promote(model_dir, version, result.oos_entry, result.oos_entry_pred)
-        verdict = "promoted to current" if decision.promoted else "not promoted"
-        print(f"{verdict}: {decision.reason}")
+    print(f"daytrader train: {args.data} -> {model_dir}, {args.folds} fold(s), "
+          f"purge {args.purge_days} day(s)", file=sys.stderr)
+    run = train_from_files(args.data, model_dir, settings, symbols, args.from_, args.to,
+                           folds=args.folds, purge_days=args.purge_days, rows=args.rows,
+                           entry_threshold=args.entry_threshold, seed=args.seed,
+                           progress=not args.quiet, promote_new=args.promote)
+    print(run.table)
+    print(f"written: {model_dir / run.version}")
+    if run.promoted is None:
+        print(run.reason)
     else:
-        print("not promoted (--no-promote)")
+        print(f"{'promoted to current' if run.promoted else 'not promoted'}: {run.reason}")
     return 0
 
 

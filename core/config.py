@@ -76,6 +76,13 @@ class Settings(BaseSettings):
 
     # --- models ------------------------------------------------------------------------
     model_dir: Path = Path("models")
+    # entries whose entry-model probability is below this are dropped (when a model exists)
+    ml_entry_threshold: float = Field(0.5, ge=0, le=1)
+    model_check_seconds: float = Field(5.0, gt=0, le=3600)
+    ml_backend: Literal["auto", "xgboost", "tensorrt"] = "auto"
+    # nightly training (tasks.train_models): bar files to train on, and how many sessions
+    train_data: Path | None = None
+    train_days: int = Field(60, ge=2, le=5000)
 
     # --- broker and data credentials (paper / live) ----------------------------------------
     alpaca_api_key: SecretStr | None = None

@@ -8,6 +8,7 @@ times America/New_York; money in cents.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -21,6 +22,7 @@ from core.execution import apply_fill_events, reconcile, release_orphans
 from core.runtime import Runtime
 from core.scoring import log_skips, score_bar
 from core.signals import Signal
+from ml.predictor import exit_model, score_signals
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +121,52 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 
 def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     """Signals, marks (this bar's close of every symbol that has a usable one) and the exits
-    of held positions, as JSON data."""
+    of held positions, as JSON data.
+
+    With a current model, the entry model's probability becomes each signal's confidence and
+    signals below ``ML_ENTRY_THRESHOLD`` are dropped, and the exit model scores the held
+    positions. A model that is configured but unusable (corrupted, wrong features or
+    version) stops new entries; exits and the end of day go on.
+    """
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
     positions = rt.broker.positions_cached()
+    predictor = rt.models.get() if rt.models is not None else None
+    problem = rt.models.problem if rt.models is not None else None
+    exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
-                       rt.scoring_params(meta.bar_seconds), exit_model=None)
+                       rt.scoring_params(meta.bar_seconds), exit_model=exit_fn)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
+    signals = scored.signals
+    if problem is not None:
+        signals = []  # logged by the model holder when the state changed
+    elif predictor is not None and signals:
+        signals = _model_scored(rt, predictor, window, meta, signals)
     return {"date": day.isoformat(), "bar": bar,
-            "signals": [s.to_dict() for s in scored.signals], "marks": scored.marks,
-            "exits": {sym: list(v) for sym, v in scored.exits.items()}}
+            "signals": [s.to_dict() for s in signals], "marks": scored.marks,
+            "exits": {sym: list(v) for sym, v in scored.exits.items()},
+            "model": predictor.version if predictor is not None else None}
+
+
+def _model_scored(rt: Runtime, predictor: Any, window: Any, meta: Any,
+                  signals: list[Signal]) -> list[Signal]:
+    """Signals with the entry model's probability as confidence, those below the threshold
+    dropped; none at all when the model fails on this bar."""
+    try:
+        probs = score_signals(predictor, window, meta.symbols, meta.bar_seconds, signals)
+    except Exception:
+        log.exception("entry model failed on this bar: no entries",
+                      extra={"model": predictor.version})
+        return []
+    threshold = rt.settings.ml_entry_threshold
+    out = []
+    for sig, p in zip(signals, probs, strict=True):
+        p = float(p)
+        if math.isfinite(p) and p >= threshold:
+            out.append(dataclasses.replace(sig, confidence=min(round(p, 4), 0.9999)))
+    return out
 
 
 # --- decide ---------------------------------------------------------------------------------

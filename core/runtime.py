@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -18,6 +19,7 @@ from core.replay import RedisReplay
 from core.risk import RiskLimits
 from core.risk_store import RedisDailyLimitStore
 from core.scoring import ScoringParams
+from ml.predictor import ModelHolder, make_predictor
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Runtime:
         )
 
     skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    models: ModelHolder | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)
 
     def scoring_params(self, bar_seconds: int) -> ScoringParams:
@@ -94,4 +97,8 @@ def build_runtime(settings: Settings) -> Runtime:
         cooldown_s=settings.breaker_cooldown_s))
     return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
-                   window=BarWindow(bar_store), breaker=breaker)
+                   window=BarWindow(bar_store), breaker=breaker,
+                   models=ModelHolder(settings.model_dir,
+                                      check_seconds=settings.model_check_seconds,
+                                      loader=functools.partial(make_predictor,
+                                                               backend=settings.ml_backend)))

@@ -201,8 +201,10 @@ def make_predictor(path: Path, backend: str = "auto", device: str | None = None)
 class ModelHolder:
     """The current model of ``model_dir`` for one process, loaded lazily and reloaded when the
     ``current`` pointer changes (its content or mtime, looked at every ``check_seconds`` at
-    most). ``get()`` returns None when there is no model or it failed to load; each such
-    state is logged once, and a failed version is retried only when the pointer changes."""
+    most). ``get()`` returns None when there is no model (trade on the rules alone) or when
+    the current one failed to load; then ``problem`` says why, and the caller takes no new
+    entries. Each state is logged once; a failed version is retried when the pointer
+    changes."""
 
     def __init__(self, model_dir: Path, check_seconds: float = 5.0,
                  loader: Callable[[Path], Predictor] | None = None,
@@ -215,6 +217,13 @@ class ModelHolder:
         self._checked: float | None = None
         self._key: tuple[Any, ...] | None = None
         self._model: Predictor | None = None
+        self._problem: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the version the pointer names is not usable (corrupted file, missing feature,
+        wrong version), or None: no model at all, or a model loaded."""
+        return self._problem
 
     def _pointer(self) -> tuple[tuple[Any, ...], str | None, str | None]:
         """(change key, version, problem) of the ``current`` pointer."""
@@ -246,16 +255,23 @@ class ModelHolder:
             self._key = key
             if version is None:
                 self._model = None
-                log.warning("%s; trading on the rule strategies alone", problem)
+                self._problem = problem if key and key[0] in ("bad", "error") else None
+                if self._problem:
+                    log.error("%s; no new entries until the pointer is fixed", problem)
+                else:
+                    log.warning("%s; trading on the rule strategies alone", problem)
                 return None
             if self._model is not None and self._model.version == version:
                 return self._model  # the pointer was rewritten with the same version
             try:
                 self._model = self._loader(self.model_dir / version)
-            except Exception as exc:  # any load failure: rules only until the pointer changes
+                self._problem = None
+                log.info("model %s loaded", version)
+            except Exception as exc:  # any load failure: no entries until the pointer changes
                 self._model = None
-                log.error("model %s not loaded (%s); trading on the rule strategies alone",
-                          version, exc)
+                self._problem = f"model {version} not usable: {exc}"
+                log.error("%s; no new entries until a usable version is current "
+                          "(exits and end of day go on)", self._problem)
             return self._model
 
     @property

@@ -380,3 +380,65 @@ def format_fold_table(metrics: dict[str, Any]) -> str:
                  f"final rounds entry {metrics['final_rounds']['entry']} / exit "
                  f"{metrics['final_rounds']['exit']}, device {metrics['device']}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """What one training run produced: the version written, its metrics table, and the
+    promotion verdict (None when promotion was not asked for)."""
+
+    version: str
+    table: str
+    promoted: bool | None
+    reason: str
+
+
+def train_from_files(data_dir: Any, model_dir: Any, settings: Any,
+                     symbols: Sequence[str] | None = None, start: dt.date | None = None,
+                     end: dt.date | None = None, folds: int = 5, purge_days: int = 1,
+                     rows: str = "signals", entry_threshold: float | None = None,
+                     seed: int = 7, progress: bool = True, promote_new: bool = True,
+                     last_days: int | None = None) -> TrainRun:
+    """Train both models walk-forward on the bar files in ``data_dir`` (New York session
+    dates ``start``..``end``, or the last ``last_days`` sessions), write a version under
+    ``model_dir`` and promote it when it beats the current one. Shared by ``daytrader
+    train`` and the nightly task. Raises ConfigError for unusable input."""
+    import hashlib
+    from pathlib import Path
+
+    from core.market.files import list_bar_files, load_days
+    from ml.registry import promote, save_version
+
+    if start and end and start > end:
+        raise ConfigError(f"--from {start} is after --to {end}")
+    if folds < 1 or purge_days < 0:
+        raise ConfigError("--folds must be >= 1 and --purge-days >= 0")
+    if entry_threshold is not None and not 0 <= entry_threshold <= 1:
+        raise ConfigError("--entry-threshold must be a probability in [0, 1]")
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    days = load_days(data_dir, list(symbols) if symbols else None, start, end)
+    if last_days is not None:
+        days = days[-last_days:]
+    if not days:
+        raise ConfigError(f"no sessions in {data_dir} between {start or 'the start'} "
+                          f"and {end or 'the end'}")
+    files = list_bar_files(data_dir)
+    used = list(symbols) if symbols else sorted(files)
+    dataset = DatasetParams.from_settings(settings, rows=rows)
+    params = TrainParams(folds=folds, purge_days=purge_days, entry_threshold=entry_threshold,
+                         exit_threshold=settings.ml_exit_threshold, seed=seed)
+    log.info("training on %d session(s) %s..%s, %d symbol(s), %d fold(s), purge %d day(s)",
+             len(days), days[0].date, days[-1].date, len(used), folds, purge_days)
+    result = train_models(days, dataset, params,
+                          ScoringParams.from_settings(settings, days[0].bar_seconds),
+                          progress=progress)
+    result.metadata["data"]["files"] = {
+        files[s].name: hashlib.sha256(files[s].read_bytes()).hexdigest() for s in used}
+    result.metadata["data"]["source"] = str(data_dir.resolve())
+    version = save_version(model_dir, result.entry_model, result.exit_model,
+                           result.metadata, result.metrics)
+    table = format_fold_table(result.metrics)
+    if not promote_new:
+        return TrainRun(version, table, None, "not promoted (--no-promote)")
+    decision = promote(model_dir, version, result.oos_entry, result.oos_entry_pred)
+    return TrainRun(version, table, decision.promoted, decision.reason)

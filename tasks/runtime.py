@@ -24,7 +24,21 @@ def reset_runtime() -> None:
     _runtime = None
 
 
+def _consumes_gpu_queue() -> bool:
+    """True in a worker started with ``-Q gpu`` (the inference worker)."""
+    try:
+        from tasks.app import app
+
+        return "gpu" in app.amqp.queues.consume_from
+    except Exception:  # no worker context (eager tests): load lazily instead
+        return False
+
+
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
+    """Build the adapters in the child, after the fork; the gpu worker also loads the current
+    model here (CUDA, when used, is first touched in this child, never in the parent)."""
     reset_runtime()
-    get_runtime()
+    rt = get_runtime()
+    if rt.models is not None and _consumes_gpu_queue():
+        rt.models.get()

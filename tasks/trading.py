@@ -110,6 +110,24 @@ def reconcile(date: str | None = None) -> dict[str, Any]:
     return execution.reconcile(rt, day)
 
 
+@app.task(name="tasks.train_models", soft_time_limit=3 * 3600, time_limit=3 * 3600 + 60)
+def train_models() -> dict[str, Any]:
+    """Nightly training on the gpu queue (beat, after the close): the last TRAIN_DAYS
+    sessions of TRAIN_DATA; the new version becomes current only if it beats the current
+    one. The serving worker picks it up without a restart."""
+    from ml.train import train_from_files
+
+    settings = get_runtime().settings
+    if settings.train_data is None:
+        log.warning("nightly training skipped: TRADING_TRAIN_DATA is not set")
+        return {"status": "skipped", "reason": "TRADING_TRAIN_DATA not set"}
+    run = train_from_files(settings.train_data, settings.model_dir, settings,
+                           last_days=settings.train_days, progress=False)
+    log.info("nightly training wrote %s: %s", run.version, run.reason)
+    return {"status": "trained", "version": run.version, "promoted": run.promoted,
+            "reason": run.reason}
+
+
 @app.task(name="tasks.ping")
 def ping(payload: dict[str, Any] | None = None) -> dict[str, Any]:
     """Empty task for health checks and the bare-chain baseline of the latency benchmark."""

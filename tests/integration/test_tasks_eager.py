@@ -159,3 +159,29 @@ def test_concurrent_ticks_at_the_end_of_a_day_record_it_once(eager) -> None:
         results = list(pool.map(lambda _: engine.tick(rt, trading.DISPATCHER), range(4)))
     assert sorted(r["status"] for r in results).count("finished") >= 1
     assert len(rt.replay.day_stats()) == 1
+
+
+def test_train_models_skips_without_data(eager) -> None:
+    got = trading.train_models.delay().get()
+    assert got == {"status": "skipped", "reason": "TRADING_TRAIN_DATA not set"}
+
+
+def test_train_models_trains_and_promotes_from_bar_files(eager, tmp_path, monkeypatch) -> None:
+    from core.market.files import write_bar_files
+    from core.market.synthetic import generate_days
+    from ml.registry import read_current
+
+    dates = [dt.date(2025, 11, 3) + dt.timedelta(days=i) for i in range(21)]
+    dates = [d for d in dates if d.weekday() < 5][:12]
+    write_bar_files(generate_days(dates, 6, seed=3), tmp_path / "bars")
+    monkeypatch.setenv("TRADING_TRAIN_DATA", str(tmp_path / "bars"))
+    monkeypatch.setenv("TRADING_TRAIN_DAYS", "10")
+    monkeypatch.setenv("TRADING_MODEL_DIR", str(tmp_path / "models"))
+    get_settings.cache_clear()
+    reset_runtime()
+    got = trading.train_models.delay().get()
+    assert got["status"] == "trained" and got["promoted"] is True
+    assert read_current(tmp_path / "models") == got["version"]
+    meta = json.loads((tmp_path / "models" / got["version"] / "metadata.json").read_text())
+    # the last TRAIN_DAYS sessions of the files, no more
+    assert meta["data"]["days"] == [d.isoformat() for d in dates[-10:]]

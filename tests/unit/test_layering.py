@@ -11,7 +11,8 @@ from tests.conftest import REPO
 
 PURE = ["core/signals/__init__.py", "core/signals/orb.py", "core/risk.py", "core/exits.py",
         "core/decision.py", "core/orders.py", "core/models.py", "core/report.py",
-        "core/market/synthetic.py"]
+        "core/market/synthetic.py", "core/scoring.py", "core/signals/vwap.py",
+        "ml/features.py", "ml/labels.py"]
 IO_MODULES = {"redis", "celery", "tasks", "requests", "socket", "os", "subprocess",
               "alpaca", "polygon", "urllib"}
 

@@ -150,15 +150,17 @@ def test_holder_broken_model_returns_none_then_recovers(
             assert holder.get() is None
             clock.now += 3
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "model bad not loaded" in errors[0]
+    assert len(errors) == 1 and "model bad not usable" in errors[0]
     assert str(tmp_path / bad / ENTRY_FILE) in errors[0]
+    assert holder.problem is not None and "model bad not usable" in holder.problem
     set_current(tmp_path, ok)
     clock.now += 3
     model = holder.get()
-    assert model is not None and model.version == "ok"
+    assert model is not None and model.version == "ok" and holder.problem is None
     (tmp_path / "current").unlink()
     clock.now += 3
     assert holder.get() is None
+    assert holder.problem is None  # no model at all: rules only, not a fault
 
 
 def test_serving_helpers_build_training_rows(tmp_path: Path) -> None:
