@@ -118,7 +118,9 @@ class TensorRTPredictor:
     """TensorRT engines built offline from a version's models (``entry_model.plan`` and
     ``exit_model.plan`` in the version folder, e.g. XGBoost -> ONNX -> trtexec), each with one
     float32 input [N, F] and one float32 output [N] or [N, 1] of probabilities. The folder's
-    features.json and boosters are checked as for XGBoost. Needs ``tensorrt_usable()``."""
+    features.json and boosters are checked as for XGBoost, and the engines' probabilities
+    must match the boosters' on a probe batch (else ModelError, and "auto" falls back to
+    XGBoost). Needs ``tensorrt_usable()``."""
 
     backend = "tensorrt"
 
@@ -136,7 +138,23 @@ class TensorRTPredictor:
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._entry = self._engine(mv.path / ENTRY_PLAN)
         self._exit = self._engine(mv.path / EXIT_PLAN)
-        log.info("model %s loaded (tensorrt)", self.version)
+        self._check_against(XGBoostPredictor(mv.path, device="cpu", loaded=mv))
+        log.info("model %s loaded (tensorrt, checked against XGBoost)", self.version)
+
+    def _check_against(self, ref: XGBoostPredictor, tolerance: float = 1e-3) -> None:
+        """Refuse engines whose probabilities differ from the boosters' on a fixed probe
+        batch (random rows with missing values) by more than ``tolerance``."""
+        rng = np.random.default_rng(20240601)
+        for what, names, mine, theirs in (
+                ("entry", ENTRY_MODEL_FEATURES, self.predict_entry, ref.predict_entry),
+                ("exit", EXIT_MODEL_FEATURES, self.predict_exit, ref.predict_exit)):
+            probe = rng.normal(size=(512, len(names)))
+            probe[rng.random(probe.shape) < 0.05] = np.nan
+            got, want = mine(probe), theirs(probe)
+            worst = float(np.max(np.abs(got - want))) if len(want) else 0.0
+            if not worst <= tolerance:
+                raise ModelError(f"TensorRT {what} engine of {self.version} disagrees with "
+                                 f"XGBoost by up to {worst:.2e} (> {tolerance})")
 
     def _engine(self, plan: Path) -> tuple[Any, Any, str, str]:
         if not plan.is_file():
