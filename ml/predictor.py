@@ -306,8 +306,12 @@ def score_signals(predictor: Predictor, window: Any, symbols: Sequence[str],
     if not signals:
         return np.zeros(0)
     index = {s: i for i, s in enumerate(symbols)}
-    feats = _to_numpy(entry_features(window, bar_seconds, xp))
-    rows = entry_model_rows(feats[[index[s.symbol] for s in signals]],
+    # features of the signalled symbols only (each symbol's features use its own bars):
+    # one batch, a fraction of the universe's cost
+    cols = sorted({index[s.symbol] for s in signals})
+    where = {c: k for k, c in enumerate(cols)}
+    feats = _to_numpy(entry_features(window[:, cols], bar_seconds, xp))
+    rows = entry_model_rows(feats[[where[index[s.symbol]] for s in signals]],
                             [1 if s.side == "buy" else -1 for s in signals],
                             [strategy_id(s.source) for s in signals])
     return predictor.predict_entry(rows)
