@@ -3,8 +3,10 @@
 ``daytrader sim`` starts the real cluster (Redis if none answers, a gpu worker, an exec
 worker, beat, optionally Flower) as processes over a replayed or synthetic run, shows a
 progress line, stops what it started and writes ``summary.json`` and ``trades.csv``.
-``daytrader train`` trains the entry and exit models walk-forward over bar files, writes a
-model version (with ``metrics.json``) and promotes it when it beats the current one.
+``daytrader backtest`` runs the same steps inline in one process over bar files and writes
+the same outputs. ``daytrader train`` trains the entry and exit models walk-forward over bar
+files, writes a model version (with ``metrics.json``) and promotes it when it beats the
+current one.
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--stall-timeout", type=float, default=120.0,
                      help="give up when the replay makes no progress for this many seconds")
     sim.add_argument("--quiet", action="store_true", help="no progress line")
+
+    bt = sub.add_parser("backtest", help="run the cluster's decision path over bar files in "
+                                          "one process")
+    bt.add_argument("--data", type=Path, required=True,
+                    help="folder of bar files (SYMBOL_1min.csv.gz or SYMBOL_5min.csv.gz)")
+    bt.add_argument("--from", dest="from_", type=_date, help="first session date")
+    bt.add_argument("--to", type=_date, help="last session date")
+    bt.add_argument("--days", type=int, help="at most this many sessions")
+    bt.add_argument("--symbols", help="comma-separated symbols (default: all in --data)")
+    models = bt.add_mutually_exclusive_group()
+    models.add_argument("--model-dir", type=Path,
+                        help="model registry to score with (default TRADING_MODEL_DIR)")
+    models.add_argument("--no-ml", action="store_true", help="rules only, no model")
+    bt.add_argument("--out", type=Path, required=True, help="folder for summary.json etc.")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
 
     train = sub.add_parser("train", help="train the entry/exit models walk-forward over bar files")
     train.add_argument("--data", type=Path, required=True,
@@ -155,6 +172,76 @@ def run_sim(args: argparse.Namespace) -> int:
         cluster.stop()
         if private is not None:
             private.stop()
+
+
+def run_backtest_cmd(args: argparse.Namespace) -> int:
+    """Backtest bar files through the cluster's own steps and write the outputs."""
+    from core.backtest import progress_line, run_backtest
+    from core.cluster import ensure_redis
+    from core.config import load_settings
+    from core.report import summarize, write_outputs
+    from core.runtime import build_runtime
+    from core.sim import load_sim_days
+
+    if args.from_ and args.to and args.from_ > args.to:
+        raise ConfigError(f"--from {args.from_} is after --to {args.to}")
+    if args.days is not None and args.days < 1:
+        raise ConfigError("--days must be at least 1")
+    if not args.data.is_dir():
+        raise ConfigError(f"--data {args.data}: no such folder")
+    env = {"TRADING_MODE": "sim", "TRADING_SIM_DATA": str(args.data.resolve()),
+           "TRADING_SIM_DAYS": str(args.days or 3650)}
+    if args.from_ is not None:
+        env["TRADING_SIM_FROM"] = args.from_.isoformat()
+    if args.to is not None:
+        env["TRADING_SIM_TO"] = args.to.isoformat()
+    if args.symbols:
+        env["TRADING_SIM_SYMBOLS"] = args.symbols
+    if args.model_dir is not None:
+        env["TRADING_MODEL_DIR"] = str(args.model_dir.resolve())
+    os.environ.update(env)
+    settings = load_settings()
+    days = load_sim_days(settings)
+    url, private = ensure_redis(settings.redis_url)
+    run_id = f"bt-{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    os.environ["TRADING_REDIS_URL"] = url
+    os.environ["TRADING_SIM_RUN_ID"] = run_id
+    settings = load_settings()
+    try:
+        rt = build_runtime(settings)
+        if args.no_ml:
+            rt.models = None
+        print(f"daytrader backtest: {len(days)} day(s) {days[0].date}..{days[-1].date}, "
+              f"{len(days[0].symbols)} symbols, {days[0].bar_seconds // 60}-minute bars, "
+              f"{'rules only' if args.no_ml else f'models from {settings.model_dir}'}",
+              file=sys.stderr)
+        run = run_backtest(rt, settings, days, None if args.quiet else progress_line)
+        summary = summarize(
+            run.trades, run.day_stats, run.order_log, settings.daily_limit_cents,
+            extra={"mode": "backtest", "run_id": run_id, "completed": True,
+                   "source": str(settings.sim_data), "symbols": len(days[0].symbols),
+                   "bar_seconds": days[0].bar_seconds, "ml": not args.no_ml,
+                   "symbol_bars": run.symbol_bars, "seconds": round(run.seconds, 3)})
+        write_outputs(args.out, summary, run.trades)
+        _print_summary(summary, args.out)
+        _drop_namespace(rt)
+        return 0
+    finally:
+        if private is not None:
+            private.stop()
+
+
+def _drop_namespace(rt: Any) -> None:
+    """Remove a finished backtest's keys from Redis (its outputs are on disk)."""
+    prefix = rt.keys.k("")
+    batch = []
+    for key in rt.redis.scan_iter(match=prefix + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            rt.redis.unlink(*batch)
+            batch = []
+    if batch:
+        rt.redis.unlink(*batch)
 
 
 def _train_symbols(values: list[str] | None) -> list[str] | None:
@@ -279,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_sim(args)
         if args.command == "train":
             return run_train(args)
+        if args.command == "backtest":
+            return run_backtest_cmd(args)
     except (ConfigError, TradingError) as exc:
         print(f"daytrader: error: {exc}", file=sys.stderr)
         return 2
