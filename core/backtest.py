@@ -8,6 +8,7 @@ Times are America/New_York; money in cents.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from core import engine, execution
 from core.config import Settings
+from core.decision import in_eod_window
 from core.models import DayBars
 from core.runtime import Runtime
 
@@ -61,8 +63,10 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
     prepare_replay(rt, settings, days)
     dispatcher = InlineDispatcher(rt)
     total = len(days)
+    by_date = {d.date.isoformat(): i for i, d in enumerate(days)}
+    eod_minutes = settings.eod_close_minutes_before
     bars = 0
-    last_day = -1
+    last_date = ""
     while True:
         result = engine.tick(rt, dispatcher, now_wall=0.0)
         status = result["status"]
@@ -70,15 +74,18 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
             break
         if status == "advanced":
             bars += 1
-            # beat fires the EOD task between ticks; it acts only inside the EOD window
-            execution.eod_close(rt)
+            day = days[by_date[result["date"]]]
+            decided = day.bar_time(int(result["bar"])) + dt.timedelta(seconds=day.bar_seconds)
+            if in_eod_window(decided, day.close_time, eod_minutes):
+                # beat fires the EOD task between ticks; it acts only inside the EOD window
+                execution.eod_close(rt)
         elif status in ("waiting", "redispatched", "stale", "empty"):
             # inline every step finishes before the next tick: this cannot happen
             raise RuntimeError(f"backtest stuck: {result}")
-        st = rt.replay.state()
-        if progress is not None and st.day != last_day:
-            last_day = st.day
-            progress(min(st.day, total), total, str(result.get("date", "")))
+        date = str(result.get("date", ""))
+        if progress is not None and date and date != last_date:
+            last_date = date
+            progress(by_date.get(date, 0), total, date)
     if progress is not None:
         progress(total, total, "done")
     n_symbols = len(days[0].symbols) if days else 0

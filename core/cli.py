@@ -176,11 +176,10 @@ def run_sim(args: argparse.Namespace) -> int:
 
 def run_backtest_cmd(args: argparse.Namespace) -> int:
     """Backtest bar files through the cluster's own steps and write the outputs."""
-    from core.backtest import progress_line, run_backtest
+    from core.backtest import progress_line
     from core.cluster import ensure_redis
     from core.config import load_settings
     from core.report import summarize, write_outputs
-    from core.runtime import build_runtime
     from core.sim import load_sim_days
 
     if args.from_ and args.to and args.from_ > args.to:
@@ -202,33 +201,91 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
     os.environ.update(env)
     settings = load_settings()
     days = load_sim_days(settings)
+    _print_coverage(days)
     url, private = ensure_redis(settings.redis_url)
     run_id = f"bt-{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     os.environ["TRADING_REDIS_URL"] = url
-    os.environ["TRADING_SIM_RUN_ID"] = run_id
-    settings = load_settings()
+    settings = load_settings().model_copy(update={"sim_run_id": run_id})
+    print(f"daytrader backtest: {len(days)} day(s) {days[0].date}..{days[-1].date}, "
+          f"{len(days[0].symbols)} symbols, {days[0].bar_seconds // 60}-minute bars, "
+          f"{'rules only' if args.no_ml else f'models from {settings.model_dir}'}",
+          file=sys.stderr)
     try:
-        rt = build_runtime(settings)
-        if args.no_ml:
-            rt.models = None
-        print(f"daytrader backtest: {len(days)} day(s) {days[0].date}..{days[-1].date}, "
-              f"{len(days[0].symbols)} symbols, {days[0].bar_seconds // 60}-minute bars, "
-              f"{'rules only' if args.no_ml else f'models from {settings.model_dir}'}",
-              file=sys.stderr)
-        run = run_backtest(rt, settings, days, None if args.quiet else progress_line)
+        main, used_model = _backtest_pass(settings, days, args.no_ml,
+                                          None if args.quiet else progress_line)
         summary = summarize(
-            run.trades, run.day_stats, run.order_log, settings.daily_limit_cents,
+            main.trades, main.day_stats, main.order_log, settings.daily_limit_cents,
             extra={"mode": "backtest", "run_id": run_id, "completed": True,
                    "source": str(settings.sim_data), "symbols": len(days[0].symbols),
-                   "bar_seconds": days[0].bar_seconds, "ml": not args.no_ml,
-                   "symbol_bars": run.symbol_bars, "seconds": round(run.seconds, 3)})
-        write_outputs(args.out, summary, run.trades)
+                   "bar_seconds": days[0].bar_seconds, "model_version": used_model,
+                   "symbol_bars": main.symbol_bars, "seconds": round(main.seconds, 3)})
+        # baselines with the same sizing and exits: without the model, and random entries
+        runs = {"strategy" + (f" + model {used_model}" if used_model else ""): main}
+        if used_model:
+            runs["rules only"], _ = _backtest_pass(
+                settings.model_copy(update={"sim_run_id": run_id + "-rules"}), days, True)
+        runs["random entries"], _ = _backtest_pass(
+            settings.model_copy(update={"sim_run_id": run_id + "-random",
+                                        "strategies": ("random",)}), days, True)
+        summary["stats"] = _stats(main, settings)
+        summary["baselines"] = {name: _stats(run, settings)
+                                for name, run in list(runs.items())[1:]}
+        write_outputs(args.out, summary, main.trades)
+        _write_report(args.out, runs, settings)
         _print_summary(summary, args.out)
-        _drop_namespace(rt)
         return 0
     finally:
         if private is not None:
             private.stop()
+
+
+def _print_coverage(days: list[Any]) -> None:
+    """Name the symbols that have no bar at all on some of the sessions (not traded then)."""
+    import numpy as np
+
+    for j, sym in enumerate(days[0].symbols if days else ()):
+        missing = [d.date.isoformat() for d in days if np.isnan(d.ohlcv[:, j, 3]).all()]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            print(f"note: {sym} has no bars on {len(missing)} of {len(days)} sessions "
+                  f"({', '.join(missing[:5])}{more}): not traded then", file=sys.stderr)
+
+
+def _backtest_pass(settings: Any, days: list[Any], no_ml: bool,
+                   progress: Any = None) -> tuple[Any, str | None]:
+    """One backtest over ``days`` in its own Redis namespace (dropped afterwards); returns
+    the run and the model version it used (None: rules only)."""
+    from core.backtest import run_backtest
+    from core.runtime import build_runtime
+
+    rt = build_runtime(settings)
+    if no_ml:
+        rt.models = None
+    used = None
+    if rt.models is not None:
+        predictor = rt.models.get()
+        if rt.models.problem:
+            raise ConfigError(f"cannot backtest with the model: {rt.models.problem}")
+        used = predictor.version if predictor is not None else None
+    try:
+        return run_backtest(rt, settings, days, progress), used
+    finally:
+        _drop_namespace(rt)
+
+
+def _stats(run: Any, settings: Any) -> dict[str, Any]:
+    from core.analytics import RunResult, stats
+
+    return stats(RunResult(run.trades, run.day_stats, settings.daily_limit_cents),
+                 int(settings.sim_starting_cash * 100))
+
+
+def _write_report(out: Path, runs: dict[str, Any], settings: Any) -> None:
+    from core.analytics import RunResult
+    from core.report_html import write_report
+
+    write_report(out, {name: RunResult(r.trades, r.day_stats, settings.daily_limit_cents)
+                       for name, r in runs.items()}, int(settings.sim_starting_cash * 100))
 
 
 def _drop_namespace(rt: Any) -> None:

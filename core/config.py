@@ -60,8 +60,11 @@ class Settings(BaseSettings):
     orb_buffer_pct: float = Field(0.0005, ge=0, lt=0.1)
     orb_volume_ratio: float = Field(1.0, ge=0)
     no_entry_minutes_before_close: int = Field(30, ge=0, le=390)
-    # rule strategies that generate entries (comma-separated): orb, vwap
-    strategies: Annotated[tuple[Literal["orb", "vwap"], ...], NoDecode] = ("orb", "vwap")
+    # strategies that generate entries (comma-separated): orb, vwap; "random" is the seeded
+    # random-entry baseline of the backtest report
+    strategies: Annotated[tuple[Literal["orb", "vwap", "random"], ...], NoDecode] = (
+        "orb", "vwap")
+    random_entry_rate: float = Field(0.002, gt=0, le=1)
     vwap_band_k: float = Field(2.0, gt=0, le=10)
     vwap_std_minutes: int = Field(30, ge=2, le=390)
     vwap_min_minutes: int = Field(30, ge=2, le=390)
@@ -139,7 +142,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = tuple(p.strip().lower() for p in value.split(",") if p.strip())
             if not value:
-                raise ValueError("name at least one strategy (orb, vwap)")
+                raise ValueError("name at least one strategy (orb, vwap, random)")
         return value
 
     @field_validator("symbols", "sim_symbols", "sim_hard_to_borrow", mode="before")

@@ -22,11 +22,12 @@ from core.exits import REASONS, ExitParams, exit_codes
 from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME
 from core.signals import Signal
 from core.signals.orb import OrbParams, orb_signals
+from core.signals.random_entry import RandomParams, random_signals
 from core.signals.vwap import VwapParams, vwap_signals
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("orb", "vwap")
+STRATEGIES = ("orb", "vwap")  # the default; "random" is the backtest's baseline
 
 # (window, symbol indexes, entry bars, directions, entry prices) -> exit probability per row
 ExitModel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -45,6 +46,7 @@ class ScoringParams:
     orb: OrbParams = field(default_factory=OrbParams)
     vwap: VwapParams = field(default_factory=VwapParams)
     exits: ExitParams = field(default_factory=ExitParams)
+    random: RandomParams = field(default_factory=RandomParams)
 
     @classmethod
     def from_settings(cls, s: Any, bar_seconds: int) -> ScoringParams:
@@ -58,6 +60,7 @@ class ScoringParams:
                             min_bars=bars_for(s.vwap_min_minutes, bar_seconds),
                             trend_bars=bars_for(s.vwap_trend_minutes, bar_seconds),
                             max_trend_pct=s.vwap_max_trend_pct),
+            random=RandomParams(rate=s.random_entry_rate, seed=s.sim_seed),
             exits=ExitParams(
                 stop_loss_pct=s.stop_loss_pct, peak_drop_pct=s.peak_exit_drop_threshold,
                 peak_distance_bars=bars_for(s.peak_min_distance_minutes, bar_seconds),
@@ -135,6 +138,8 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
         signals += orb_signals(window, symbols, bar_time, params.orb, xp)
     if "vwap" in params.strategies:
         signals += vwap_signals(window, symbols, bar_time, params.vwap, xp)
+    if "random" in params.strategies:
+        signals += random_signals(window, symbols, bar_time, params.random, xp)
     signals = [s for s in signals if s.symbol not in skipped]
     closes = row_np[:, CLOSE]
     bad = {s for s, why in skipped.items() if why.startswith("inconsistent")}

@@ -352,6 +352,15 @@ def load_days(
         for d, a, b in zip(uniq.tolist(), first.tolist(), bounds, strict=True):
             per_day.setdefault(d, []).append((s_idx, slot[a:b], values[a:b]))
 
+    if len(per_day) > 1:  # a symbol without any bar on a loaded session is not traded then
+        for s_idx, symbol in enumerate(selected):
+            missing = [_EPOCH + dt.timedelta(days=d) for d in sorted(per_day)
+                       if all(entry[0] != s_idx for entry in per_day[d])]
+            if missing:
+                shown = ", ".join(m.isoformat() for m in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                log.info("%s has no bars on %d of %d sessions (%s%s): not traded then",
+                            symbol, len(missing), len(per_day), shown, more)
     out: list[DayBars] = []
     n_sym = len(selected)
     for d in sorted(per_day):
