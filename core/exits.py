@@ -24,6 +24,7 @@ Prices are US dollars, thresholds fractions, bars the session's bar index.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from decimal import Decimal
 from types import ModuleType
@@ -56,9 +57,9 @@ class ExitParams:
 
 
 def _cum(a: np.ndarray, op: str, xp: ModuleType) -> np.ndarray:
-    """Running max or min along axis 0 (a row loop or accumulate on numpy; a doubling scan
-    elsewhere, since not every array module has ``ufunc.accumulate``)."""
-    fn = xp.maximum if op == "max" else xp.minimum
+    """Running ``op`` (max, min, fmax, fmin) along axis 0: a row loop or accumulate on numpy,
+    a doubling scan elsewhere, since not every array module has ``ufunc.accumulate``."""
+    fn = getattr(xp, {"max": "maximum", "min": "minimum"}.get(op, op))
     if xp is np:
         if a.ndim == 2 and a.shape[1] >= 64:  # row by row is ~3x faster than accumulate here
             out = np.empty_like(a)
@@ -76,10 +77,11 @@ def _cum(a: np.ndarray, op: str, xp: ModuleType) -> np.ndarray:
     return out
 
 
-def _keep_or_neg_inf(a: np.ndarray, keep: np.ndarray, xp: ModuleType) -> np.ndarray:
-    """``a`` where ``keep`` and not NaN, -inf elsewhere (cheaper than ``where`` on numpy)."""
-    ceiling = (keep.astype(a.dtype) * 2.0 - 1.0) * xp.inf  # +inf keep, -inf drop
-    return xp.minimum(xp.fmax(a, -xp.inf), ceiling)
+def _nan_unless(a: np.ndarray, keep: np.ndarray, xp: ModuleType) -> np.ndarray:
+    """``a`` where ``keep``, NaN elsewhere: ``a + sqrt(keep - 1)`` adds 0 or NaN, which is
+    several times cheaper than ``where`` on numpy and the same on cupy."""
+    with np.errstate(invalid="ignore"):
+        return a + xp.sqrt(keep.astype(a.dtype) - 1.0)
 
 
 def _window_extreme(a: np.ndarray, width: int, fn: Any, xp: ModuleType) -> np.ndarray:
@@ -109,7 +111,11 @@ def confirmed_extremes(close: np.ndarray, entry_bar: np.ndarray, distance: int,
 def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominence: float,
                xp: ModuleType, last_only: bool, peaks: bool) -> np.ndarray:
     """Peaks (``peaks``) or troughs of ``confirmed_extremes``, computed on the negated
-    series for troughs so that one code path serves both."""
+    series for troughs so that one code path serves both.
+
+    Bars before a column's entry and missing bars are NaN, and every step uses the
+    NaN-ignoring ``fmax``/``fmin`` or comparisons (False with NaN), so they never count.
+    """
     n_bars, n_sym = close.shape
     d = max(int(distance), 1)
     out_shape = (n_sym,) if last_only else close.shape
@@ -119,28 +125,27 @@ def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominen
     first = min(max(first, 0), n_bars - 1)
     x = close[first:] if peaks else -close[first:]
     rows = x.shape[0]
-    hi = _keep_or_neg_inf(x, xp.arange(first, n_bars)[:, None] >= entry_bar[None, :], xp)
-    sign = 1.0 if peaks else -1.0
     m = rows - d  # candidates p whose neighbourhood [p - d, p + d] is fully known
     if m <= 0:
         return xp.full(out_shape, xp.nan)
-    near = _window_extreme(xp.concatenate([xp.full((d, n_sym), -xp.inf), hi]), 2 * d + 1,
-                           xp.maximum, xp)[:m]
+    hi = _nan_unless(x, xp.arange(first, n_bars)[:, None] >= entry_bar[None, :], xp)
+    near = _window_extreme(xp.concatenate([xp.full((d, n_sym), xp.nan), hi]), 2 * d + 1,
+                           xp.fmax, xp)[:m]
     hp = hi[:m]
-    # lowest (highest for troughs) close since entry up to p; pre-entry and missing bars
-    # must not count, so they enter as -inf in the negated running max
-    low_before = -_cum(_keep_or_neg_inf(-hp, hp > -xp.inf, xp), "max", xp)
+    low_before = _cum(hp, "fmin", xp)  # lowest (highest for troughs) since entry, up to p
     # prominence as a fraction of the extreme's price: |peak - lowest before| >= prom x |peak|
     with np.errstate(invalid="ignore"):
-        ok = (hp > -xp.inf) & (hp >= near) & (hp - low_before >= prominence * xp.abs(hp))
-    cand = _keep_or_neg_inf(hp, ok, xp)
+        ok = (hp >= near) & (hp - low_before >= prominence * xp.abs(hp))
+    cand = _nan_unless(hp, ok, xp)
+    sign = 1.0 if peaks else -1.0
     if last_only:
-        best = cand.max(axis=0)
-    else:
-        # a candidate at p is known at p + d: shift down by d, then keep the running best
-        best = xp.full(close.shape, -xp.inf)
-        best[first + d:] = _cum(cand, "max", xp)
-    return xp.where(xp.isfinite(best), sign * best, xp.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column: no peak
+            return sign * xp.nanmax(cand, axis=0)
+    # a candidate at p is known at p + d: shift down by d, then keep the running best
+    best = xp.full(close.shape, xp.nan)
+    best[first + d:] = _cum(cand, "fmax", xp)
+    return sign * best
 
 
 def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
