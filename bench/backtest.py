@@ -67,7 +67,6 @@ from core.market.synthetic import generate_days  # noqa: E402
 from core.models import DayBars  # noqa: E402
 
 START = dt.date(2025, 11, 3)
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 FIXED_SIZE = 10  # shares per moving-average entry
 CASH = 1e9  # so that no moving-average order is ever refused for cash
 GOAL_RULES = 1_000_000  # symbol-bars/s, rules path, 2 cores
