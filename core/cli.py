@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import secrets
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--no-ml", action="store_true", help="rules only, no model")
     bt.add_argument("--out", type=Path, required=True, help="folder for summary.json etc.")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    st = sub.add_parser("status", help="account, positions, P/L, capital, halts, last tick, "
+                                      "model, queues of a running cluster")
+    st.add_argument("--run", help="simulated run id (default: the most recently active one)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    met = sub.add_parser("metrics", help="serve the status as Prometheus metrics")
+    met.add_argument("--run", help="simulated run id (default: the most recently active one)")
+    met.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")
+    met.add_argument("--port", type=int, default=9108, help="port (default 9108)")
 
     train = sub.add_parser("train", help="train the entry/exit models walk-forward over bar files")
     train.add_argument("--data", type=Path, required=True,
@@ -301,6 +311,64 @@ def _drop_namespace(rt: Any) -> None:
         rt.redis.unlink(*batch)
 
 
+def _status_runtime(run: str | None) -> Any:
+    """A runtime on the cluster's Redis; in sim mode on the chosen (or latest) run."""
+    from core.config import load_settings
+    from core.runtime import build_runtime, connect_redis
+    from core.status import latest_sim_run
+
+    settings = load_settings()
+    if settings.mode == "sim":
+        run = run or latest_sim_run(connect_redis(settings.redis_url))
+        if run is None:
+            raise ConfigError(f"no simulated run found in {settings.redis_url}")
+        settings = settings.model_copy(update={"sim_run_id": run})
+    return build_runtime(settings)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the status of a running (or finished) cluster."""
+    from core.status import collect, render_text
+
+    doc = collect(_status_runtime(args.run))
+    print(json.dumps(doc, indent=2) if args.json else render_text(doc))
+    return 0
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    """Serve ``/metrics`` (Prometheus text) until interrupted."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from core.status import collect, render_prometheus
+
+    rt = _status_runtime(args.run)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = render_prometheus(collect(rt)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer((args.address, args.port), Handler)
+    print(f"metrics on http://{args.address}:{server.server_port}/metrics", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _train_symbols(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
@@ -425,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "backtest":
             return run_backtest_cmd(args)
+        if args.command == "status":
+            return run_status(args)
+        if args.command == "metrics":
+            return run_metrics(args)
     except (ConfigError, TradingError) as exc:
         print(f"daytrader: error: {exc}", file=sys.stderr)
         return 2

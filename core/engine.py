@@ -59,7 +59,7 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
                         extra={"date": meta.date.isoformat(), "bar": st.bar})
             _process_fills(rt, meta, st.bar, replay.row(meta, st.bar))
             replay.touch_dispatch(now_wall)
-            dispatcher.score({"date": meta.date.isoformat(), "bar": st.bar})
+            dispatcher.score({"date": meta.date.isoformat(), "bar": st.bar, "t0": now_wall})
             return {"status": "redispatched", "date": meta.date.isoformat(), "bar": st.bar}
         return {"status": "waiting", "date": meta.date.isoformat(), "bar": st.bar}
     if st.bar == meta.n_bars - 1:
@@ -75,7 +75,7 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
     if adv.bar == 0:
         rt.broker.open_account()
     fills = _process_fills(rt, meta, adv.bar, adv.row)
-    dispatcher.score({"date": meta.date.isoformat(), "bar": adv.bar})
+    dispatcher.score({"date": meta.date.isoformat(), "bar": adv.bar, "t0": now_wall})
     return {"status": "advanced", "date": meta.date.isoformat(), "bar": adv.bar,
             "fills": len(fills)}
 
@@ -112,11 +112,14 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     The full result goes to Redis under ``scored:<date>:<bar>``; the returned message carries
     only that key (messages carry keys, not payloads).
     """
+    started = time.time()
     result = compute_scores(rt, payload)
     key = rt.keys.k(f"scored:{result['date']}:{result['bar']}")
     rt.redis.set(key, json.dumps(result, separators=(",", ":")), ex=3600)
+    # wall times (Unix s) of the tick, the start and the end of scoring: decide records them
     return {"date": result["date"], "bar": result["bar"], "scored_key": key,
-            "signals": len(result["signals"])}
+            "signals": len(result["signals"]), "model": result.get("model"),
+            "t": [payload.get("t0"), round(started, 6), round(time.time(), 6)]}
 
 
 def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +178,8 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
 
     ``scored`` is what ``score`` returned (the key of the stored result) or the result itself.
     """
+    decide_at = time.time()
+    timing = scored.get("t")
     if "scored_key" in scored:
         raw = rt.redis.get(str(scored["scored_key"]))
         if raw is None:
@@ -201,7 +206,17 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     pipe.get(rt.keys.used_capital(day))
     pipe.exists(rt.keys.halt())
     pipe.exists(rt.keys.loss_halt(day))
-    entered_raw, used_raw, halted, loss_halted = pipe.execute()
+    if timing and len(timing) == 3 and all(isinstance(x, int | float) for x in timing):
+        t0, t1, t2 = (float(x) for x in timing)
+        # the last tick's stage times (ms) for `daytrader status` and the metrics; rides on
+        # this pipeline, so it costs no extra round trip
+        pipe.hset(rt.keys.k("tick:last"), mapping={
+            "date": day.isoformat(), "bar": bar, "tick_at": t0,
+            "score_queue_ms": round((t1 - t0) * 1000, 3),
+            "score_ms": round((t2 - t1) * 1000, 3),
+            "decide_queue_ms": round((decide_at - t2) * 1000, 3),
+            "signals": len(scored.get("signals", [])), "model": scored.get("model") or ""})
+    entered_raw, used_raw, halted, loss_halted = pipe.execute()[:4]
     halted = bool(halted) or bool(loss_halted) or _loss_limit_hit(rt, day, positions, marks)
     inp = DecisionInput(
         session_date=day, bar=bar,

@@ -61,8 +61,9 @@ def test_duplicate_tick_for_a_bar_does_nothing(eager) -> None:
 def test_score_returns_a_key_and_stores_the_scores(eager) -> None:
     run_ticks(20)
     meta = eager.replay.days()[0]
-    out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19}).get()
-    assert set(out) == {"date", "bar", "scored_key", "signals"}
+    out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()
+    assert set(out) == {"date", "bar", "scored_key", "signals", "model", "t"}
+    assert out["model"] is None and out["t"][0] == 1.5 and out["t"][1] <= out["t"][2]
     assert len(json.dumps(out)) < 200  # the message carries a key, not the payload
     stored = json.loads(eager.redis.get(out["scored_key"]))
     assert (stored["date"], stored["bar"]) == (meta.date.isoformat(), 19)
@@ -71,6 +72,15 @@ def test_score_returns_a_key_and_stores_the_scores(eager) -> None:
         assert {"symbol", "side", "source", "confidence", "bar_time", "price"} <= set(sig)
     for sym, price in stored["marks"].items():
         assert sym in meta.symbols and price > 0
+
+
+def test_decide_records_the_stage_times_of_the_tick(eager) -> None:
+    run_ticks(5)
+    last = {k.decode(): v.decode() for k, v in eager.redis.hgetall(
+        eager.keys.k("tick:last")).items()}
+    assert last["bar"] == "4" and float(last["tick_at"]) > 0
+    for stage in ("score_queue_ms", "score_ms", "decide_queue_ms"):
+        assert 0 <= float(last[stage]) < 60_000
 
 
 def test_decide_submit_and_close_wiring(eager) -> None:
