@@ -131,10 +131,18 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = Field(20, ge=1)
     task_time_limit_s: int = Field(30, ge=2)
 
+    # --- alerts (optional): Slack/Discord-style webhook, rate-limited ----------------------
+    alert_webhook_url: SecretStr | None = None
+    alert_max_per_minute: int = Field(20, ge=1, le=1000)
+
     # --- Flower --------------------------------------------------------------------------
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     flower_port: int = Field(5555, ge=1, le=65535)
+    # address Flower listens on; anything but loopback needs FLOWER_USER and FLOWER_PASSWORD
+    flower_address: str = "127.0.0.1"
+    # explicit opt-in: Flower with no login, allowed only on a loopback address
+    flower_unauthenticated_localhost: bool = False
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -145,6 +145,9 @@ def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     signals = scored.signals
     if problem is not None:
         signals = []  # logged by the model holder when the state changed
+        if rt.alerts is not None:
+            rt.alerts.send("error", f"no new entries: {problem}",
+                           once_key=f"model:{day}:{abs(hash(problem))}")
     elif predictor is not None and signals:
         signals = _model_scored(rt, predictor, window, meta, signals)
     return {"date": day.isoformat(), "bar": bar,
@@ -257,6 +260,9 @@ def _loss_limit_hit(rt: Runtime, day: dt.date, positions: dict[str, Any],
         if rt.redis.set(rt.keys.loss_halt(day), str(pnl), nx=True, ex=4 * 24 * 3600):
             log.warning("daily loss limit reached: no new entries today",
                         extra={"date": day.isoformat(), "pnl_cents": pnl})
+            if rt.alerts is not None:
+                rt.alerts.send("halt", f"{day} daily loss limit reached (P/L "
+                                       f"${pnl / 100:,.2f}): no new entries today")
         return True
     return False
 

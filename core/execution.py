@@ -161,6 +161,10 @@ def _send(rt: Runtime, request: OrderRequest) -> Order:
         state = rt.breaker.record_failure()
         log.warning("broker failure (breaker %s)", state,
                     extra={"client_order_id": request.client_order_id})
+        if state == "open" and rt.alerts is not None:
+            rt.alerts.send("breaker", "circuit breaker open: new entries stop for "
+                                      f"{rt.settings.breaker_cooldown_s:g} s",
+                           once_key=f"breaker:{int(time.time() // 60)}")
         raise
     if not rt.breaker.clean:
         rt.breaker.record_success()  # only when something is on record: saves a round trip
@@ -217,6 +221,10 @@ def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
     whole reservation until it ends.
     """
     for ev in events:
+        if rt.alerts is not None and ev.filled_qty > 0 and ev.status in ("filled",
+                                                                          "partially_filled"):
+            rt.alerts.send("fill", f"{ev.intent} {ev.symbol} {ev.status}: {ev.filled_qty} sh, "
+                                   f"${ev.notional_cents / 100:,.2f} ({ev.client_order_id})")
         if ev.intent != "entry" or ev.status == "partially_filled":
             continue
         day = dt.date.fromisoformat(ev.session_date)
@@ -362,6 +370,10 @@ def eod_close(rt: Runtime) -> dict[str, Any]:
         return {"status": "outside_window", "date": meta.date.isoformat(), "bar": bar}
     result = close_all(rt, "eod")
     flat = not rt.broker.get_positions()
+    if flat and rt.alerts is not None:
+        pnl = rt.broker.realized_pnl_cents(meta.date) / 100
+        rt.alerts.send("eod", f"{meta.date} flat before the close; realized P/L ${pnl:,.2f}",
+                       once_key=f"eod:{meta.date.isoformat()}")
     return {"status": "flat" if flat else "closing", "date": meta.date.isoformat(), "bar": bar,
             **result}
 
@@ -371,7 +383,11 @@ def flatten_all(rt: Runtime, reason: str = "flatten") -> dict[str, Any]:
     rt.redis.set(rt.keys.halt(), json.dumps({"reason": reason, "at": time.time()}))
     log.warning("kill switch engaged: flattening", extra={"reason": reason})
     result = close_all(rt, reason)
-    return {"status": "halted", **result, "positions_left": sorted(rt.broker.get_positions())}
+    left = sorted(rt.broker.get_positions())
+    if rt.alerts is not None:
+        rt.alerts.send("halt", f"kill switch engaged ({reason}): entries halted, "
+                               f"{len(left)} position(s) still closing")
+    return {"status": "halted", **result, "positions_left": left}
 
 
 def resume_trading(rt: Runtime) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
+from core.alerts import Alerter
 from core.breaker import BreakerConfig, RedisCircuitBreaker
 from core.brokers.faults import FaultyBroker, parse_faults
 from core.brokers.fill_model import FillModel
@@ -52,6 +53,7 @@ class Runtime:
 
     skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
     models: ModelHolder | None = None
+    alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)
 
     def scoring_params(self, bar_seconds: int) -> ScoringParams:
@@ -101,4 +103,7 @@ def build_runtime(settings: Settings) -> Runtime:
                    models=ModelHolder(settings.model_dir,
                                       check_seconds=settings.model_check_seconds,
                                       loader=functools.partial(make_predictor,
-                                                               backend=settings.ml_backend)))
+                                                               backend=settings.ml_backend)),
+                   alerts=Alerter(redis, keys.prefix, settings.alert_webhook_url.get_secret_value()
+                                  if settings.alert_webhook_url else None,
+                                  per_minute=settings.alert_max_per_minute))
