@@ -147,9 +147,32 @@ class Cluster:
                              "--pidfile", str(self._state_dir / "beat.pid")])
 
     def start_flower(self, port: int, user: str, password: str) -> None:
-        """Flower on 127.0.0.1 with basic auth."""
-        self._spawn("flower", ["-A", "tasks", "flower", "--address=127.0.0.1",
-                               f"--port={port}", f"--basic-auth={user}:{password}"])
+        """Flower on 127.0.0.1 with basic auth, through ``python -m core.flower`` (the
+        Procfile's command): the login travels in the environment, never on a command line.
+        Raises ConfigError when core.flower would refuse the login."""
+        from core.flower import plan_flower
+
+        plan_flower(user, password, "127.0.0.1", port)  # refuse here, not in the log file
+        env = {**self.env, "TRADING_FLOWER_USER": user, "TRADING_FLOWER_PASSWORD": password,
+               "TRADING_FLOWER_PORT": str(port), "TRADING_FLOWER_ADDRESS": "127.0.0.1",
+               "TRADING_FLOWER_UNAUTHENTICATED_LOCALHOST": "false"}
+        spawn_celery = self._spawn
+
+        def spawn(name: str, args: list[str]) -> None:
+            if name != "flower":
+                spawn_celery(name, args)
+                return
+            self._args[name] = args
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with (self.log_dir / "flower.log").open("ab") as out:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "core.flower"], env=env, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_die_with_parent)
+
+        # restart("flower") goes through _spawn: this instance's _spawn starts core.flower
+        self._spawn = spawn  # type: ignore[method-assign]
+        self._spawn("flower", [])
 
     def dead(self) -> list[str]:
         """Names of processes that exited."""
