@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     met.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")
     met.add_argument("--port", type=int, default=9108, help="port (default 9108)")
 
+    from core.market.fetch import add_fetch_parser
+
+    add_fetch_parser(sub)
+    sub.add_parser("feed", help="run the market-data feed (paper/live): backfill, then stream")
+
     train = sub.add_parser("train", help="train the entry/exit models walk-forward over bar files")
     train.add_argument("--data", type=Path, required=True,
                        help="folder of bar files (SYMBOL_1min.csv.gz)")
@@ -495,6 +500,14 @@ def main(argv: list[str] | None = None) -> int:
             return run_backtest_cmd(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "fetch-bars":
+            from core.market.fetch import run_fetch
+
+            return run_fetch(args)
+        if args.command == "feed":
+            from core.market.feed import main_feed
+
+            return main_feed()
         if args.command == "metrics":
             return run_metrics(args)
     except (ConfigError, TradingError) as exc:

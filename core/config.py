@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     alpaca_secret_key: SecretStr | None = None
     polygon_api_key: SecretStr | None = None
 
+    # --- market-data feed (paper / live) ----------------------------------------------------
+    polygon_rest_url: str = "https://api.polygon.io"
+    polygon_ws_url: str = "wss://socket.polygon.io"  # delayed plans: wss://delayed.polygon.io
+    alpaca_data_url: str | None = None  # default https://data.alpaca.markets
+    alpaca_stream_url: str | None = None  # default wss://stream.data.alpaca.markets/v2/<feed>
+    alpaca_data_feed: Literal["iex", "sip"] = "iex"
+    feed_grace_s: float = Field(5.0, ge=0, le=60)
+    feed_silent_s: float = Field(90.0, gt=0, le=3600)
+    feed_stale_minutes: int = Field(5, ge=1, le=390)
+    feed_rest_delay_s: float = Field(3.0, ge=0, le=300)
+    feed_give_up_s: float = Field(120.0, gt=0, le=3600)
+    feed_reconnect_max_s: float = Field(60.0, gt=0, le=600)
+    feed_http_timeout_s: float = Field(10.0, gt=0, le=120)
+
     # --- simulated mode ------------------------------------------------------------------
     sim_run_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     sim_data: Path | None = None

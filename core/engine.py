@@ -209,6 +209,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     pipe.get(rt.keys.used_capital(day))
     pipe.exists(rt.keys.halt())
     pipe.exists(rt.keys.loss_halt(day))
+    pipe.hkeys(rt.keys.k(f"stale_symbols:{day.isoformat()}"))  # written by the feed
     if timing and len(timing) == 3 and all(isinstance(x, int | float) for x in timing):
         t0, t1, t2 = (float(x) for x in timing)
         # the last tick's stage times (ms) for `daytrader status` and the metrics; rides on
@@ -219,7 +220,10 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
             "score_ms": round((t2 - t1) * 1000, 3),
             "decide_queue_ms": round((decide_at - t2) * 1000, 3),
             "signals": len(scored.get("signals", [])), "model": scored.get("model") or ""})
-    entered_raw, used_raw, halted, loss_halted = pipe.execute()[:4]
+    entered_raw, used_raw, halted, loss_halted, stale_raw = pipe.execute()[:5]
+    if stale_raw:  # stale market data blocks new entries for those symbols
+        stale = {x.decode() for x in stale_raw}
+        signals = [s for s in signals if s.symbol not in stale]
     halted = bool(halted) or bool(loss_halted) or _loss_limit_hit(rt, day, positions, marks)
     inp = DecisionInput(
         session_date=day, bar=bar,

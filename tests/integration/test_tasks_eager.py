@@ -195,3 +195,16 @@ def test_train_models_trains_and_promotes_from_bar_files(eager, tmp_path, monkey
     meta = json.loads((tmp_path / "models" / got["version"] / "metadata.json").read_text())
     # the last TRAIN_DAYS sessions of the files, no more
     assert meta["data"]["days"] == [d.isoformat() for d in dates[-10:]]
+
+
+def test_stale_market_data_blocks_entries(eager) -> None:
+    run_ticks(1)
+    meta = eager.replay.days()[0]
+    # the feed marks every symbol stale: no entry may go out, whatever the signals
+    eager.redis.hset(eager.keys.k(f"stale_symbols:{meta.date.isoformat()}"),
+                     mapping={s: "none" for s in meta.symbols})
+    run_ticks(120)
+    assert not [o for o in eager.broker.all_orders() if o.intent == "entry"]
+    eager.redis.delete(eager.keys.k(f"stale_symbols:{meta.date.isoformat()}"))
+    run_ticks(120)
+    assert [o for o in eager.broker.all_orders() if o.intent == "entry"]
