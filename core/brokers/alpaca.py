@@ -1,0 +1,827 @@
+"""The Broker role over Alpaca's trading API (paper or live), through alpaca-py's TradingClient.
+
+What this adapter guarantees on top of alpaca-py:
+- every HTTP call has a timeout (alpaca-py's ``requests.Session`` has none): connect and each
+  read are bounded by ``timeout_s``; a timeout or a dropped connection raises
+  ``BrokerUnavailable``;
+- exactly one retry layer: alpaca-py's own retry of 429/504 (3 tries, 3 s sleeps, POST too) is
+  switched off, so one call here is one HTTP request; Celery retries ``TransientError``s
+  with backoff and the retry starts with the lookup by client_order_id;
+- every call first takes a token from the shared Redis bucket (``core.ratelimit``); exits,
+  closes and cancels take the "exit" kind, which may use the share entries may not touch;
+  a 429 empties the bucket for every process for ``penalty_s``;
+- Alpaca's answers become the project's errors (``map_api_error``) and types (``Order``,
+  ``Position``, ``FillEvent``); business refusals of ``submit_order`` come back as an Order
+  with status "rejected" and a clear ``status_reason`` (as the simulated broker does, so the
+  execution layer releases the reservation); ``place_order`` raises them instead.
+
+Alpaca does not store our intent, strategy or reason: they are read back from the
+deterministic client_order_id (``orb-AAPL-20240603-0945-L`` entries, ``…-x1`` exits); any
+other id (an OTO stop leg, an order placed by hand) counts as an exit. A position's entry
+order is the latest filled entry of today with the position's side; a position without one
+(opened by hand or on an earlier day) gets ``session_date=""``, so the decision step closes
+it as stale.
+
+Money: Decimal prices, integer cents, whole shares; times America/New_York.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+import requests
+from alpaca.common.enums import Sort
+from alpaca.common.exceptions import APIError
+from alpaca.trading.client import TradingClient
+from alpaca.trading.enums import OrderClass, OrderSide, QueryOrderStatus, TimeInForce
+from alpaca.trading.requests import (
+    GetCalendarRequest,
+    GetOrdersRequest,
+    LimitOrderRequest,
+    MarketOrderRequest,
+    StopLossRequest,
+    StopOrderRequest,
+)
+from pydantic import ValidationError
+
+from core.brokers.base import FillEvent, Order, OrderRequest, Position
+from core.calendar import NY
+from core.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DuplicateOrder,
+    InsufficientBuyingPower,
+    OrderRejected,
+    RateLimited,
+    TradingError,
+    TransientError,
+)
+from core.money import cents
+from core.ratelimit import Kind, RedisTokenBucket
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENTRY_ID = re.compile(r"^([a-z][a-z0-9]{0,11})-([A-Z][A-Z0-9.]{0,9})-(\d{8})-(\d{4})-([LS])$")
+EXIT_ID = re.compile(r"^(.+)-x(\d{1,2})$")
+
+_WORKING_ALPACA = frozenset({
+    "new", "accepted", "pending_new", "accepted_for_bidding", "pending_review", "held",
+    "suspended", "stopped", "pending_cancel", "pending_replace", "partially_filled"})
+_FAILED = ("cancelled", "expired", "rejected")
+_PAGE = 500
+
+
+# --- pure mapping ----------------------------------------------------------------------------
+def map_status(alpaca_status: str, filled_qty: int, qty: int) -> str:
+    """Alpaca's order status -> the project's OrderStatus.
+
+    Working states (new, accepted, pending_new, held, pending_cancel, ...) are "accepted", or
+    "partially_filled" once shares filled; canceled -> "cancelled"; replaced -> "cancelled"
+    (the replacement is another order); done_for_day -> "expired" (a DAY order is finished);
+    calculated -> "filled" when complete, else "expired".
+    """
+    s = alpaca_status.lower()
+    if s == "filled":
+        return "filled"
+    if s in ("canceled", "cancelled", "replaced"):
+        return "cancelled"
+    if s in ("expired", "done_for_day"):
+        return "expired"
+    if s == "rejected":
+        return "rejected"
+    if s == "calculated":
+        return "filled" if qty and filled_qty >= qty else "expired"
+    return "partially_filled" if filled_qty > 0 else "accepted"
+
+
+def intent_of(client_order_id: str) -> tuple[str, str]:
+    """(intent, strategy) read from a client_order_id; foreign ids are exits, no strategy."""
+    m = ENTRY_ID.match(client_order_id)
+    if m:
+        return "entry", m.group(1)
+    x = EXIT_ID.match(client_order_id)
+    if x and (e := ENTRY_ID.match(x.group(1))):
+        return "exit", e.group(1)
+    return "exit", ""
+
+
+def _val(v: Any) -> str:
+    """An enum or plain value as a lower-case string."""
+    v = getattr(v, "value", v)
+    return "" if v is None else str(v).lower()
+
+
+def _dec(v: Any) -> Decimal | None:
+    """A price/quantity field (str or float from alpaca-py) as Decimal; None when empty."""
+    if v is None or v == "":
+        return None
+    try:
+        d = Decimal(repr(v)) if isinstance(v, float) else Decimal(str(v))
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def _dstr(v: Any) -> str | None:
+    d = _dec(v)
+    if d is None:
+        return None
+    return format(d.normalize(), "f") if d == d.to_integral_value() else format(d, "f")
+
+
+def _ny_iso(ts: dt.datetime | str | None) -> str | None:
+    if ts is None or ts == "":
+        return None
+    if isinstance(ts, str):
+        ts = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.UTC)
+    return ts.astimezone(NY).isoformat()
+
+
+def _get(o: Any, name: str) -> Any:
+    return o.get(name) if isinstance(o, dict) else getattr(o, name, None)
+
+
+def order_from_alpaca(o: Any) -> Order:
+    """An alpaca-py Order (or its JSON dict) as the project's Order."""
+    coid = str(_get(o, "client_order_id"))
+    intent, strategy = intent_of(coid)
+    qty = int(_dec(_get(o, "qty")) or 0)
+    filled_qty = int(_dec(_get(o, "filled_qty")) or 0)
+    avg = _dec(_get(o, "filled_avg_price")) if filled_qty > 0 else None
+    legs = _get(o, "legs") or []
+    stop = None
+    for leg in legs:
+        if _val(_get(leg, "type") or _get(leg, "order_type")) in ("stop", "stop_limit"):
+            stop = _dstr(_get(leg, "stop_price"))
+            break
+    otype = _val(_get(o, "type") or _get(o, "order_type")) or "market"
+    if stop is None and otype in ("stop", "stop_limit") and intent == "entry":
+        stop = _dstr(_get(o, "stop_price"))
+    submitted = _ny_iso(_get(o, "submitted_at") or _get(o, "created_at")) or ""
+    raw_status = _val(_get(o, "status"))
+    status = map_status(raw_status, filled_qty, qty)
+    reason = "" if status in ("accepted", "partially_filled", "filled") else \
+        f"{raw_status} at the broker"
+    return Order(
+        client_order_id=coid, symbol=str(_get(o, "symbol") or ""),
+        side="buy" if _val(_get(o, "side")) == "buy" else "sell", qty=qty, order_type=otype,
+        limit_price=_dstr(_get(o, "limit_price")), time_in_force=_val(_get(o, "time_in_force")),
+        intent=intent, close=intent == "exit", reason="", strategy=strategy, confidence=None,
+        status=status,  # type: ignore[arg-type]
+        session_date=submitted[:10], submitted_at=submitted,
+        filled_qty=filled_qty, filled_avg_price=_dstr(avg) if avg is not None else None,
+        filled_at=_ny_iso(_get(o, "filled_at")), status_reason=reason, stop_price=stop,
+        filled_notional=format(avg * filled_qty, "f") if avg is not None else None,
+    )
+
+
+def fill_event_of(order: Order) -> FillEvent:
+    """The order's state as a FillEvent (its fill totals so far, cents and shares)."""
+    notional = cents(Decimal(order.filled_notional)) if order.filled_notional else 0
+    return FillEvent(order.client_order_id, order.symbol, order.intent, order.status,  # type: ignore[arg-type]
+                     order.filled_qty, notional, order.session_date)
+
+
+def _rejection(message: str, status: int | None) -> OrderRejected:
+    m = message.lower()
+    if "client_order_id" in m and ("unique" in m or "duplicate" in m or "exists" in m):
+        return DuplicateOrder(f"duplicate client_order_id: {message}")
+    if "buying power" in m or "insufficient funds" in m:
+        return InsufficientBuyingPower(f"insufficient buying power: {message}")
+    if "pattern day" in m or "day trad" in m or "pdt" in m:
+        return OrderRejected(f"pattern day trader protection: {message}")
+    if "wash trade" in m:
+        return OrderRejected(f"opposite-side order or position (wash trade): {message}")
+    if ("shortable" in m or "sold short" in m or "not allowed to short" in m
+            or "borrow" in m or "short sell" in m):
+        return OrderRejected(f"not shortable (hard to borrow): {message}")
+    if "market" in m and ("closed" in m or "not open" in m or "hours" in m):
+        return OrderRejected(f"market closed: {message}")
+    if "not tradable" in m or "halt" in m or "inactive" in m:
+        return OrderRejected(f"not tradable (halted or inactive): {message}")
+    return OrderRejected(f"rejected by the broker ({status}): {message}")
+
+
+def map_api_error(exc: APIError, what: str = "request") -> TradingError:
+    """An alpaca-py APIError as the project's error.
+
+    429 -> RateLimited; 5xx -> BrokerUnavailable; 401 -> ConfigError (bad keys); 404 ->
+    _NotFound (internal: lookups answer None); 403/422 and other 4xx -> OrderRejected or a
+    subclass by message: InsufficientBuyingPower, DuplicateOrder ("client_order_id must be
+    unique"), pattern day trader, wash trade, not shortable, market closed.
+    """
+    status = exc.status_code
+    body = str(exc)
+    try:
+        message = str(exc.message)
+    except Exception:
+        message = body.strip()[:300] or f"HTTP {status}"
+    if status == 429:
+        return RateLimited(f"{what}: broker rate limit (429): {message}")
+    if status is None or status >= 500:
+        return BrokerUnavailable(f"{what}: broker error {status}: {message}")
+    if status == 401:
+        return ConfigError(f"{what}: Alpaca refused the API keys (401): {message}")
+    if status == 404:
+        return _NotFound(f"{what}: not found: {message}")
+    if status == 403 and (message.lower() == "forbidden" or "not authorized" in message.lower()):
+        return ConfigError(f"{what}: Alpaca refused the request (403): {message}")
+    return _rejection(message, status)
+
+
+class _NotFound(TradingError):
+    """A 404: the order, position or asset does not exist."""
+
+
+# --- plain records for account, clock, calendar -----------------------------------------------
+@dataclass(frozen=True)
+class AccountInfo:
+    """What entry checks and reports need from the account (money in cents)."""
+
+    status: str
+    buying_power_cents: int
+    daytrading_buying_power_cents: int
+    cash_cents: int
+    equity_cents: int
+    last_equity_cents: int
+    pattern_day_trader: bool
+    daytrade_count: int
+    shorting_enabled: bool
+    blocked: bool
+    multiplier: int
+
+
+@dataclass(frozen=True)
+class MarketClock:
+    """The broker's clock (America/New_York)."""
+
+    timestamp: dt.datetime
+    is_open: bool
+    next_open: dt.datetime
+    next_close: dt.datetime
+
+
+@dataclass(frozen=True)
+class SessionDay:
+    """One trading day of the broker's calendar (America/New_York)."""
+
+    date: dt.date
+    open: dt.datetime
+    close: dt.datetime
+
+
+def _cents_of(v: Any) -> int:
+    d = _dec(v)
+    return cents(d) if d is not None else 0
+
+
+class _TimeoutSession(requests.Session):
+    """A requests Session whose every request has a timeout unless one is given."""
+
+    def __init__(self, timeout: float | tuple[float, float]) -> None:
+        super().__init__()
+        self.default_timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any,  # type: ignore[override]
+                **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.default_timeout
+        return super().request(method, url, *args, **kwargs)
+
+
+def harden_client(client: TradingClient, timeout_s: float) -> TradingClient:
+    """Give every request of ``client`` a timeout and switch alpaca-py's retry loop off.
+
+    alpaca-py 0.44 keeps a bare ``requests.Session`` in ``_session`` and retries 429/504 in
+    ``RESTClient._request`` while ``_retry`` > 0 (``retry_attempts=0`` in the constructor is
+    ignored: it only overrides positive values), so both are set on the instance.
+    """
+    old = client._session
+    session = _TimeoutSession((min(timeout_s, 5.0), timeout_s))
+    session.headers.update(old.headers)
+    client._session = session
+    old.close()
+    client._retry = 0
+    client._retry_codes = []
+    return client
+
+
+# --- the adapter ------------------------------------------------------------------------------
+class AlpacaBroker:
+    """The Broker protocol over Alpaca (see the module docstring)."""
+
+    def __init__(self, api_key: str, secret_key: str, *, paper: bool = True,
+                 url_override: str | None = None, timeout_s: float = 10.0,
+                 limiter: RedisTokenBucket | None = None, penalty_s: float = 2.0,
+                 cancel_wait_s: float = 3.0, poll_s: float = 0.1,
+                 client: TradingClient | None = None,
+                 now: Callable[[], dt.datetime] | None = None) -> None:
+        self.paper = paper
+        self.timeout_s = timeout_s
+        self._client = harden_client(
+            client or TradingClient(api_key, secret_key, paper=paper, url_override=url_override),
+            timeout_s)
+        self._limiter = limiter
+        self._penalty_s = penalty_s
+        self._cancel_wait_s = cancel_wait_s
+        self._poll_s = poll_s
+        self._now = now or (lambda: dt.datetime.now(NY))
+        self._clock: MarketClock | None = None
+        self._assets: dict[str, tuple[float, Any]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, limiter: RedisTokenBucket | None = None,
+                      url_override: str | None = None) -> AlpacaBroker:
+        """The adapter for TRADING_MODE=paper|live (live only with mode == "live")."""
+        if settings.mode not in ("paper", "live"):
+            raise ConfigError(f"AlpacaBroker needs TRADING_MODE paper or live, not {settings.mode}")
+        if settings.alpaca_api_key is None or settings.alpaca_secret_key is None:
+            raise ConfigError("TRADING_ALPACA_API_KEY and TRADING_ALPACA_SECRET_KEY are needed")
+        return cls(settings.alpaca_api_key.get_secret_value(),
+                   settings.alpaca_secret_key.get_secret_value(),
+                   paper=settings.mode == "paper", url_override=url_override,
+                   timeout_s=settings.broker_timeout_s, limiter=limiter)
+
+    @property
+    def client(self) -> TradingClient:
+        """The hardened alpaca-py client (for tests and tools)."""
+        return self._client
+
+    # -- one HTTP call ------------------------------------------------------------------------
+    def _call(self, kind: Kind, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Take a token, make one request, map its failure."""
+        if self._limiter is not None:
+            self._limiter.acquire(kind)
+        try:
+            return fn(*args, **kwargs)
+        except APIError as exc:
+            err = map_api_error(exc, what)
+            if isinstance(err, RateLimited) and self._limiter is not None:
+                self._limiter.penalize(self._penalty_s)
+            raise err from exc
+        except requests.Timeout as exc:
+            raise BrokerUnavailable(
+                f"{what}: no answer from Alpaca within {self.timeout_s:g}s") from exc
+        except requests.RequestException as exc:
+            raise BrokerUnavailable(f"{what}: cannot reach Alpaca: {exc}") from exc
+        except (ValidationError, ValueError, KeyError, TypeError) as exc:
+            raise BrokerUnavailable(f"{what}: unreadable answer from Alpaca: {exc}") from exc
+
+    def _maybe(self, kind: Kind, what: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Like _call, None on 404."""
+        try:
+            return self._call(kind, what, fn, *args)
+        except _NotFound:
+            return None
+
+    # -- account, clock, calendar ---------------------------------------------------------------
+    def account(self) -> AccountInfo:
+        """The account: buying power, equity, PDT state (cents)."""
+        a = self._call("entry", "get account", self._client.get_account)
+        status = _val(a.status).upper()
+        return AccountInfo(
+            status=status, buying_power_cents=_cents_of(a.buying_power),
+            daytrading_buying_power_cents=_cents_of(a.daytrading_buying_power),
+            cash_cents=_cents_of(a.cash), equity_cents=_cents_of(a.equity),
+            last_equity_cents=_cents_of(a.last_equity),
+            pattern_day_trader=bool(a.pattern_day_trader),
+            daytrade_count=int(a.daytrade_count or 0),
+            shorting_enabled=bool(a.shorting_enabled),
+            blocked=bool(a.trading_blocked or a.account_blocked or a.trade_suspended_by_user)
+            or status not in ("ACTIVE", ""),
+            multiplier=int(_dec(a.multiplier) or 1))
+
+    def clock(self, fresh: bool = False) -> MarketClock:
+        """The broker's clock; reused while its next open/close has not passed."""
+        c = self._clock
+        now = self._now()
+        if c is not None and not fresh and now < (c.next_close if c.is_open else c.next_open):
+            return c
+        raw = self._call("entry", "get clock", self._client.get_clock)
+        c = self._clock = MarketClock(raw.timestamp.astimezone(NY), bool(raw.is_open),
+                                      raw.next_open.astimezone(NY),
+                                      raw.next_close.astimezone(NY))
+        return c
+
+    def calendar(self, start: dt.date, end: dt.date) -> list[SessionDay]:
+        """Trading days between start and end (inclusive), early closes included."""
+        days = self._call("entry", "get calendar", self._client.get_calendar,
+                          GetCalendarRequest(start=start, end=end))
+        return [SessionDay(d.date, d.open.replace(tzinfo=NY), d.close.replace(tzinfo=NY))
+                for d in days]
+
+    def _asset(self, symbol: str) -> Any | None:
+        hit = self._assets.get(symbol)
+        if hit is not None and time.monotonic() - hit[0] < 300:
+            return hit[1]
+        asset = self._maybe("entry", f"get asset {symbol}", self._client.get_asset, symbol)
+        self._assets[symbol] = (time.monotonic(), asset)
+        return asset
+
+    # -- orders -----------------------------------------------------------------------------
+    def _alpaca_request(self, request: OrderRequest) -> Any:
+        side = OrderSide.BUY if request.side == "buy" else OrderSide.SELL
+        if request.qty <= 0 or int(request.qty) != request.qty:
+            raise OrderRejected("quantity must be a positive whole number of shares")
+        tif = TimeInForce.IOC if request.time_in_force == "ioc" else TimeInForce.DAY
+        common: dict[str, Any] = {"symbol": request.symbol, "qty": int(request.qty),
+                                  "side": side, "client_order_id": request.client_order_id}
+        order_type = str(request.order_type)
+        if order_type == "stop":
+            if request.stop_price is None:
+                raise OrderRejected("stop order needs a stop price")
+            return StopOrderRequest(**common, time_in_force=tif,
+                                    stop_price=float(_tick(request.stop_price, request.side)))
+        if request.stop_price is not None:  # protective stop attached: OTO entry
+            if tif == TimeInForce.IOC:
+                # Alpaca takes OTO/bracket orders only as day or gtc
+                log.warning("OTO entry sent as DAY (Alpaca refuses IOC with legs)",
+                            extra={"client_order_id": request.client_order_id})
+                tif = TimeInForce.DAY
+            common["order_class"] = OrderClass.OTO
+            common["stop_loss"] = StopLossRequest(
+                stop_price=float(_tick(request.stop_price, request.side)))
+        if order_type == "limit":
+            if request.limit_price is None:
+                raise OrderRejected("limit order needs a limit price")
+            return LimitOrderRequest(**common, time_in_force=tif,
+                                     limit_price=float(_tick(request.limit_price, request.side)))
+        if order_type != "market":
+            raise OrderRejected(f"unsupported order type {order_type}")
+        return MarketOrderRequest(**common, time_in_force=tif)
+
+    def place_order(self, request: OrderRequest) -> Order:
+        """Submit once; raises the mapped errors (DuplicateOrder, InsufficientBuyingPower,
+        OrderRejected, RateLimited, BrokerUnavailable)."""
+        data = self._alpaca_request(request)
+        kind: Kind = "exit" if request.intent == "exit" or request.close else "entry"
+        raw = self._call(kind, f"submit {request.client_order_id}",
+                         self._client.submit_order, data)
+        return _with_request(order_from_alpaca(raw), request)
+
+    def submit_order(self, request: OrderRequest) -> Order:
+        """Submit once. DuplicateOrder and transient errors raise; other refusals come back as
+        an Order with status "rejected" (Alpaca keeps no record of it)."""
+        try:
+            return self.place_order(request)
+        except (DuplicateOrder, TransientError, ConfigError):
+            raise
+        except OrderRejected as exc:
+            log.warning("order refused by Alpaca: %s", exc,
+                        extra={"client_order_id": request.client_order_id})
+            now = self._now().isoformat()
+            return Order(
+                client_order_id=request.client_order_id, symbol=request.symbol,
+                side=request.side, qty=int(request.qty), order_type=request.order_type,
+                limit_price=request.limit_price, time_in_force=request.time_in_force,
+                intent=request.intent, close=request.close, reason=request.reason,
+                strategy=request.strategy, confidence=request.confidence, status="rejected",
+                session_date=now[:10], submitted_at=now, status_reason=str(exc),
+                stop_price=request.stop_price)
+
+    def get_order_by_client_id(self, client_order_id: str) -> Order | None:
+        """The order with this client_order_id, or None."""
+        raw = self._maybe("exit", f"lookup {client_order_id}",
+                          self._client.get_order_by_client_id, client_order_id)
+        return order_from_alpaca(raw) if raw is not None else None
+
+    def _order_by_id(self, order_id: Any) -> Order | None:
+        raw = self._maybe("exit", f"get order {order_id}", self._client.get_order_by_id,
+                          order_id)
+        return order_from_alpaca(raw) if raw is not None else None
+
+    def _cancel_raw(self, order_id: Any, what: str) -> Order | None:
+        """Ask Alpaca to cancel and wait (briefly) until the order is done."""
+        try:
+            self._call("exit", f"cancel {what}", self._client.cancel_order_by_id, order_id)
+        except _NotFound:
+            return None
+        except OrderRejected as exc:  # 422 "order is not cancelable": it ended meanwhile
+            log.info("cancel refused: %s", exc, extra={"order": what})
+        deadline = time.monotonic() + self._cancel_wait_s
+        while True:
+            order = self._order_by_id(order_id)
+            if order is None or order.status not in ("accepted", "partially_filled") \
+                    or time.monotonic() >= deadline:
+                return order
+            time.sleep(self._poll_s)
+
+    def cancel_order(self, client_order_id: str) -> Order | None:
+        """Cancel a working order; returns the order as it ends up (None if unknown). An order
+        whose cancel is still pending after ``cancel_wait_s`` comes back still working."""
+        raw = self._maybe("exit", f"lookup {client_order_id}",
+                          self._client.get_order_by_client_id, client_order_id)
+        if raw is None:
+            return None
+        order = order_from_alpaca(raw)
+        if order.status not in ("accepted", "partially_filled"):
+            return order
+        return self._cancel_raw(raw.id, client_order_id)
+
+    def cancel_all_orders(self) -> int:
+        """Cancel every open order of the account (kill switch); returns how many."""
+        out = self._call("exit", "cancel all orders", self._client.cancel_orders)
+        return len(out or [])
+
+    def _orders(self, status: QueryOrderStatus, after: dt.datetime | None = None,
+                symbols: list[str] | None = None, kind: Kind = "entry") -> list[Any]:
+        """Orders (alpaca-py models), legs listed as orders of their own, oldest first, every
+        page (Alpaca pages by submission time, 500 at most)."""
+        out: list[Any] = []
+        seen: set[str] = set()
+        cursor = after
+        while True:
+            req = GetOrdersRequest(status=status, limit=_PAGE, direction=Sort.ASC,
+                                   after=cursor, symbols=symbols)
+            page = self._call(kind, "list orders", self._client.get_orders, req)
+            fresh = 0
+            for o in page:
+                for x in [o, *(o.legs or [])]:
+                    if str(x.id) not in seen:
+                        seen.add(str(x.id))
+                        out.append(x)
+                        fresh += 1
+            if len(page) < _PAGE or not fresh:
+                return out
+            last = page[-1].submitted_at or page[-1].created_at
+            cursor = last - dt.timedelta(microseconds=1)
+
+    def _day_start(self, day: dt.date | None = None) -> dt.datetime:
+        d = day or self._now().astimezone(NY).date()
+        return dt.datetime.combine(d, dt.time(0, 0), tzinfo=NY)
+
+    def list_open_orders(self) -> list[Order]:
+        """Our working orders (entries and exits with our ids), oldest first. Protective stop
+        legs are not listed: they show on the position as ``stop_price``."""
+        raws = self._orders(QueryOrderStatus.OPEN, kind="exit")
+        orders = [order_from_alpaca(o) for o in raws]
+        return [o for o in orders if o.status in ("accepted", "partially_filled")
+                and _ours(o.client_order_id)]
+
+    def orders_since(self, since: dt.datetime) -> list[Order]:
+        """Every order submitted after ``since`` (legs included), oldest first."""
+        return [order_from_alpaca(raw)
+                for raw in self._orders(QueryOrderStatus.ALL, after=since, kind="exit")]
+
+    def all_orders(self, day: dt.date | None = None) -> list[Order]:
+        """Every order submitted on ``day`` (New York date; default today), legs included."""
+        start = self._day_start(day)
+        return [o for o in self.orders_since(start - dt.timedelta(microseconds=1))
+                if day is None or o.session_date == day.isoformat()]
+
+    def order_log(self, day: dt.date | None = None) -> list[str]:
+        """client_order_ids of the day's orders in submission order."""
+        return [o.client_order_id for o in self.all_orders(day) if _ours(o.client_order_id)]
+
+    def expire_session_orders(self, session_date: dt.date) -> list[FillEvent]:
+        """Nothing to expire here (Alpaca ends DAY orders itself): the day's entries that
+        ended, as events, so reservations follow what really filled."""
+        return [fill_event_of(o) for o in self.all_orders(session_date)
+                if o.intent == "entry" and o.status in ("filled", *_FAILED)]
+
+    # -- positions ----------------------------------------------------------------------------
+    def _raw_positions(self) -> list[Any]:
+        return self._call("exit", "list positions", self._client.get_all_positions)
+
+    def _enrich(self, raws: Iterable[Any], today: list[Any]) -> dict[str, Position]:
+        """Positions keyed by symbol, with their entry order, exit attempts and stop."""
+        flat = [(order_from_alpaca(raw), raw) for raw in today]
+        by_id = {o.client_order_id: o for o, _ in flat}
+        out: dict[str, Position] = {}
+        now = self._now().astimezone(NY)
+        for p in raws:
+            qty = int(_dec(p.qty) or 0)
+            if qty == 0:
+                continue
+            if _val(p.side) == "short" and qty > 0:
+                qty = -qty
+            symbol = str(p.symbol)
+            side = "buy" if qty > 0 else "sell"
+            avg = _dstr(p.avg_entry_price) or "0"
+            entry = next((o for o, _ in reversed(flat)
+                          if o.symbol == symbol and o.intent == "entry" and o.side == side
+                          and o.filled_qty > 0 and ENTRY_ID.match(o.client_order_id)), None)
+            stop = next((_dstr(_get(raw, "stop_price")) for o, raw in reversed(flat)
+                         if o.symbol == symbol and o.side != side
+                         and o.order_type in ("stop", "stop_limit")
+                         and o.status in ("accepted", "partially_filled")), None)
+            if entry is None:  # opened by hand or on an earlier day: closed as stale
+                coid = f"ext-{symbol}-{now:%Y%m%d}-0000-{'L' if qty > 0 else 'S'}"
+                out[symbol] = Position(symbol=symbol, qty=qty, avg_price=avg,
+                                       opened_at=now.isoformat(), session_date="",
+                                       entry_client_order_id=coid, stop_price=stop)
+                continue
+            attempt = 0
+            while attempt < 99:
+                x = by_id.get(f"{entry.client_order_id}-x{attempt + 1}")
+                if x is None or x.status not in _FAILED:
+                    break
+                attempt += 1
+            out[symbol] = Position(
+                symbol=symbol, qty=qty, avg_price=avg,
+                opened_at=entry.filled_at or entry.submitted_at,
+                session_date=entry.session_date, entry_client_order_id=entry.client_order_id,
+                strategy=entry.strategy, exit_attempt=attempt, stop_price=stop)
+        return out
+
+    def _today_raw(self) -> list[Any]:
+        return self._orders(QueryOrderStatus.ALL,
+                            after=self._day_start() - dt.timedelta(microseconds=1),
+                            kind="exit")
+
+    def get_positions(self) -> dict[str, Position]:
+        """Open positions by symbol (qty signed: negative short)."""
+        raws = self._raw_positions()
+        if not raws:
+            return {}
+        return self._enrich(raws, self._today_raw())
+
+    def positions_cached(self) -> dict[str, Position]:
+        """Same as get_positions (no cheap change marker at Alpaca)."""
+        return self.get_positions()
+
+    def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
+        """Positions and our working orders, from two requests."""
+        raws = self._raw_positions()
+        today = self._today_raw()
+        orders = [order_from_alpaca(o) for o in today]
+        working = [o for o in orders if o.status in ("accepted", "partially_filled")
+                   and _ours(o.client_order_id)]
+        return (self._enrich(raws, today) if raws else {}), working
+
+    def realized_pnl_cents(self, day: dt.date) -> int:
+        """P/L (cents) realized by the day's fills, average-cost per symbol (no fees: Alpaca
+        charges no commission on equities)."""
+        fills = sorted((o for o in self.all_orders(day) if o.filled_qty > 0
+                        and o.filled_avg_price), key=lambda o: o.filled_at or o.submitted_at)
+        pos: dict[str, tuple[int, Decimal]] = {}
+        realized = Decimal(0)
+        for o in fills:
+            q = o.filled_qty if o.side == "buy" else -o.filled_qty
+            px = Decimal(o.filled_avg_price or "0")
+            have, avg = pos.get(o.symbol, (0, Decimal(0)))
+            if have == 0 or (have > 0) == (q > 0):
+                total = have + q
+                avg = (avg * abs(have) + px * abs(q)) / abs(total)
+                pos[o.symbol] = (total, avg)
+                continue
+            closing = min(abs(q), abs(have))
+            realized += (px - avg) * closing * (1 if have > 0 else -1)
+            left = have + q
+            if left == 0:
+                pos[o.symbol] = (0, Decimal(0))
+            elif (left > 0) == (have > 0):
+                pos[o.symbol] = (left, avg)
+            else:
+                pos[o.symbol] = (left, px)  # flipped: the rest opened at this price
+        return cents(realized)
+
+    def _position(self, symbol: str) -> Any | None:
+        return self._maybe("exit", f"get position {symbol}", self._client.get_open_position,
+                           symbol)
+
+    def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
+        """Close the whole position at market with ``client_order_id``; None when flat.
+
+        Orders on the closing side resting for the symbol (protective stop legs) hold its
+        shares, so they are cancelled first (and awaited); the position is then read again so
+        a stop that filled meanwhile never turns the close into a new position. A close with
+        this id already working, or known to Alpaca (422 duplicate), is returned as it is.
+        """
+        pos = self._position(symbol)
+        if pos is None:
+            return None
+        closing_side = "sell" if _val(pos.side) == "long" else "buy"
+        working = [(raw, order_from_alpaca(raw)) for raw in self._orders(
+            QueryOrderStatus.OPEN, symbols=[symbol], kind="exit")]
+        for _, mine in working:
+            if mine.client_order_id == client_order_id:
+                return mine  # this close is already working (an earlier answer was lost)
+        for raw, mine in working:
+            if mine.side == closing_side and mine.status in ("accepted", "partially_filled"):
+                self._cancel_raw(raw.id, mine.client_order_id)
+        pos = self._position(symbol)
+        if pos is None:
+            return None
+        qty = abs(int(_dec(pos.qty) or 0))
+        if qty == 0:
+            return None
+        _, strategy = intent_of(client_order_id)
+        request = OrderRequest(
+            client_order_id=client_order_id, symbol=symbol,
+            side="sell" if _val(pos.side) == "long" else "buy", qty=qty, intent="exit",
+            close=True, reason=reason, strategy=strategy)
+        try:
+            return self.place_order(request)
+        except DuplicateOrder:  # sent before (a lost answer): that order is the close
+            found = self.get_order_by_client_id(client_order_id)
+            if found is None:
+                raise BrokerUnavailable(
+                    f"duplicate reported for {client_order_id} but not found") from None
+            return found
+        except OrderRejected as exc:
+            if "insufficient qty" in str(exc).lower() or "held" in str(exc).lower():
+                # shares still held by an order whose cancel is pending: try again shortly
+                raise BrokerUnavailable(f"close {symbol}: shares still held: {exc}") from exc
+            now = self._now().isoformat()
+            return Order(client_order_id=client_order_id, symbol=symbol, side=request.side,
+                         qty=qty, order_type="market", limit_price=None, time_in_force="day",
+                         intent="exit", close=True, reason=reason, strategy=strategy,
+                         confidence=None, status="rejected", session_date=now[:10],
+                         submitted_at=now, status_reason=str(exc))
+
+    def close_all_positions(self, cancel_orders: bool = True) -> list[Order]:
+        """Alpaca's own liquidation of every position (DELETE /v2/positions): the kill
+        switch's last resort; the orders get Alpaca's ids, not ours."""
+        out = self._call("exit", "close all positions", self._client.close_all_positions,
+                         cancel_orders)
+        orders = []
+        for r in out or []:
+            body = r.body
+            if _get(body, "client_order_id") is not None:
+                orders.append(order_from_alpaca(body))
+            else:
+                log.error("close all: %s not closed: %s", r.symbol, _get(body, "message"))
+        return orders
+
+    # -- checks -------------------------------------------------------------------------------
+    def entry_check(self, request: OrderRequest) -> str | None:
+        """Why Alpaca would reject this entry, from account, asset, position and open-order
+        data (no order placed): market closed, blocked account, pattern day trader
+        protection, not tradable, not shortable, opposite-side position or order (wash
+        trade), buying power."""
+        if not self.clock().is_open:
+            return "market closed"
+        acct = self.account()
+        if acct.blocked:
+            return f"account blocked (status {acct.status})"
+        if (not acct.pattern_day_trader and acct.daytrade_count >= 3
+                and acct.last_equity_cents < 2_500_000):
+            return (f"pattern day trader protection: {acct.daytrade_count} day trades in 5 "
+                    "days with equity under $25,000")
+        asset = self._asset(request.symbol)
+        if asset is None:
+            return f"{request.symbol} is unknown to the broker"
+        if not asset.tradable or _val(asset.status) != "active":
+            return f"{request.symbol} is not trading (halted or inactive)"
+        if request.side == "sell":
+            if not acct.shorting_enabled:
+                return "account is not allowed to short"
+            if not asset.shortable or not asset.easy_to_borrow:
+                return f"{request.symbol} is not shortable (hard to borrow)"
+        pos = self._position(request.symbol)
+        if pos is not None and (_val(pos.side) == "long") != (request.side == "buy"):
+            return "opposite-side position open (wash trade)"
+        for raw in self._orders(QueryOrderStatus.OPEN, symbols=[request.symbol]):
+            mine = order_from_alpaca(raw)
+            if mine.side != request.side and mine.status in ("accepted", "partially_filled") \
+                    and not (pos is not None and mine.order_type in ("stop", "stop_limit")):
+                return "opposite-side order open (wash trade)"
+        price = _dec(request.limit_price)
+        if price is not None and price > 0:
+            power = acct.buying_power_cents
+            if acct.pattern_day_trader and acct.daytrading_buying_power_cents > 0:
+                power = min(power, acct.daytrading_buying_power_cents)
+            if cents(price * request.qty) > power:
+                return "insufficient buying power"
+        return None
+
+    # -- simulated-mode hooks that mean nothing here ---------------------------------------------
+    def open_account(self) -> None:
+        """Nothing to open: the account lives at Alpaca."""
+
+    def process_bar(self, *args: Any, **kwargs: Any) -> list[FillEvent]:
+        """Fills come from the trade_updates stream (core.streams.trade_updates), not bars."""
+        return []
+
+
+def _ours(client_order_id: str) -> bool:
+    return bool(ENTRY_ID.match(client_order_id)) or (
+        bool(m := EXIT_ID.match(client_order_id)) and bool(ENTRY_ID.match(m.group(1))))
+
+
+def _with_request(order: Order, request: OrderRequest) -> Order:
+    """Carry what Alpaca does not store (reason, strategy, confidence, stop) from the request."""
+    return order.with_(reason=request.reason, strategy=request.strategy or order.strategy,
+                       confidence=request.confidence, close=request.close or order.close,
+                       stop_price=order.stop_price or request.stop_price)
+
+
+def _tick(price: str | Decimal, side: str) -> Decimal:
+    """A price on Alpaca's grid (cents at or above $1, 1/100 cent below), never worse for us:
+    a buy rounds down, a sell up."""
+    d = Decimal(str(price))
+    if not d.is_finite() or d <= 0:
+        raise OrderRejected(f"bad price {price!r}")
+    step = Decimal("0.01") if d >= 1 else Decimal("0.0001")
+    return d.quantize(step, rounding=ROUND_FLOOR if side == "buy" else ROUND_CEILING)

@@ -1,0 +1,1 @@
+"""Long-running stream consumers (one process each): broker trade updates."""
