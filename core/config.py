@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     alpaca_secret_key: SecretStr | None = None
     polygon_api_key: SecretStr | None = None
 
+    # --- Alpaca trading (paper / live) -----------------------------------------------------
+    # live trading needs this explicit opt-in on top of TRADING_MODE=live
+    live_trading_confirmed: bool = False
+    alpaca_base_url: str | None = None  # trading REST override (a proxy or a local server)
+    alpaca_trading_stream_url: str | None = None  # trade_updates stream override
+    alpaca_rate_per_minute: int = Field(200, ge=1, le=10000)
+    alpaca_rate_burst: int = Field(20, ge=1, le=1000)
+    alpaca_exit_reserve: int = Field(5, ge=0, le=1000)
+    # where paper/live time comes from: the exchange (real time) or the replay clock (a
+    # replayed day against a paper account or a local server; tests and rehearsals)
+    clock: Literal["exchange", "replay"] = "exchange"
+
     # --- market-data feed (paper / live) ----------------------------------------------------
     polygon_rest_url: str = "https://api.polygon.io"
     polygon_ws_url: str = "wss://socket.polygon.io"  # delayed plans: wss://delayed.polygon.io
@@ -234,6 +246,19 @@ class Settings(BaseSettings):
                 f"TRADING_MODE={self.mode} needs TRADING_ALPACA_API_KEY and "
                 "TRADING_ALPACA_SECRET_KEY"
             )
+        if self.mode == "live" and not self.live_trading_confirmed:
+            raise ValueError("TRADING_MODE=live trades real money: it also needs "
+                             "TRADING_LIVE_TRADING_CONFIRMED=true")
+        key = self.alpaca_api_key.get_secret_value() if self.alpaca_api_key else ""
+        url = (self.alpaca_base_url or "").lower()
+        # Alpaca's paper keys start with PK, live keys with AK
+        if self.mode == "live" and (key.startswith("PK") or "paper-api" in url):
+            raise ValueError("TRADING_MODE=live with a paper key or the paper endpoint: "
+                             "refused (TRADING_ALPACA_API_KEY / TRADING_ALPACA_BASE_URL)")
+        if self.mode == "paper" and (key.startswith("AK") or url.rstrip("/") in (
+                "https://api.alpaca.markets", "http://api.alpaca.markets")):
+            raise ValueError("TRADING_MODE=paper with a live key or the live endpoint: "
+                             "refused (TRADING_ALPACA_API_KEY / TRADING_ALPACA_BASE_URL)")
         return self
 
     @property
