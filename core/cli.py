@@ -163,8 +163,10 @@ def run_sim(args: argparse.Namespace) -> int:
             password = (settings.flower_password.get_secret_value()
                         if settings.flower_password else secrets.token_urlsafe(12))
             cluster.start_flower(settings.flower_port, user, password)
+            # a password the user set is never printed; a generated one must be, once
+            shown = "(TRADING_FLOWER_PASSWORD)" if settings.flower_password else password
             print(f"Flower: http://127.0.0.1:{settings.flower_port}  user {user}  "
-                  f"password {password}", file=sys.stderr)
+                  f"password {shown}", file=sys.stderr)
         try:
             ok = _wait(rt, cluster, args.stall_timeout, quiet=args.quiet)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from core.breaker import BreakerConfig, RedisCircuitBreaker
 from core.brokers.faults import FaultyBroker, parse_faults
 from core.brokers.fill_model import FillModel
 from core.brokers.simulated import SimulatedBroker
+from core.calendar import NY
 from core.config import Settings
 from core.decision import DecisionParams
 from core.keys import Keys
@@ -71,17 +73,60 @@ def connect_redis(url: str) -> Redis:
                           health_check_interval=30, retry_on_timeout=True)
 
 
+def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: RedisBarStore,
+                    replay: RedisReplay) -> Runtime:
+    """Paper or live: the Alpaca adapter behind a shared rate limiter. With
+    ``TRADING_CLOCK=replay`` the replay clock drives the day (rehearsals, local servers);
+    otherwise the exchange's clock does."""
+    from core.brokers.alpaca import AlpacaBroker
+    from core.errors import ConfigError
+    from core.ratelimit import BucketConfig, RedisTokenBucket
+
+    if settings.clock != "replay":
+        raise ConfigError("paper/live on the exchange clock needs the live tick driver, which "
+                          "is not built yet; TRADING_CLOCK=replay rehearses a replayed day "
+                          "against the Alpaca account")
+    limiter = RedisTokenBucket(redis, keys.k("ratelimit:alpaca"), BucketConfig(
+        capacity=settings.alpaca_rate_burst, refill_per_s=settings.alpaca_rate_per_minute / 60,
+        exit_reserve=settings.alpaca_exit_reserve))
+    broker = AlpacaBroker.from_settings(settings, limiter=limiter,
+                                        url_override=settings.alpaca_base_url)
+    broker._now = functools.partial(replay_time, replay)
+    breaker = RedisCircuitBreaker(redis, keys, BreakerConfig(
+        failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
+        cooldown_s=settings.breaker_cooldown_s))
+    return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
+                   replay=replay, broker=broker,  # type: ignore[arg-type]
+                   limits=RedisDailyLimitStore(redis, keys), window=BarWindow(bar_store),
+                   breaker=breaker,
+                   models=ModelHolder(settings.model_dir,
+                                      check_seconds=settings.model_check_seconds,
+                                      loader=functools.partial(make_predictor,
+                                                               backend=settings.ml_backend)),
+                   alerts=Alerter(redis, keys.prefix, settings.alert_webhook_url.get_secret_value()
+                                  if settings.alert_webhook_url else None,
+                                  per_minute=settings.alert_max_per_minute))
+
+
+def replay_time(replay: RedisReplay) -> dt.datetime:
+    """The replay clock's now: the close of its last published bar (America/New_York), or
+    the session open before the first bar; wall time when no replay runs."""
+    meta, bar = replay.now()
+    if meta is None:
+        return dt.datetime.now(NY)
+    if bar < 0:
+        return meta.open_time
+    return meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds)
+
+
 def build_runtime(settings: Settings) -> Runtime:
     """Build every adapter for this process."""
-    if settings.mode != "sim":
-        from core.errors import ConfigError
-
-        raise ConfigError(
-            f"TRADING_MODE={settings.mode}: the Alpaca adapter is not built yet; use sim")
     redis = connect_redis(settings.redis_url)
     keys = Keys.for_mode(settings.mode, settings.sim_run_id)
     bar_store = RedisBarStore(redis, keys)
     replay = RedisReplay(redis, keys, bar_store)
+    if settings.mode != "sim":
+        return _alpaca_runtime(settings, redis, keys, bar_store, replay)
     model = FillModel(slippage_bps=settings.sim_slippage_bps,
                       fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
                       latency_bars=settings.sim_latency_bars,
