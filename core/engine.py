@@ -139,7 +139,8 @@ def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     problem = rt.models.problem if rt.models is not None else None
     exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
-                       rt.scoring_params(meta.bar_seconds), exit_model=exit_fn)
+                       rt.scoring_params(meta.bar_seconds), exit_model=exit_fn,
+                       tracker=rt.extremes)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
     signals = scored.signals

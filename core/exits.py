@@ -109,7 +109,8 @@ def confirmed_extremes(close: np.ndarray, entry_bar: np.ndarray, distance: int,
 
 
 def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominence: float,
-               xp: ModuleType, last_only: bool, peaks: bool) -> np.ndarray:
+               xp: ModuleType, last_only: bool, peaks: bool,
+               runmin_out: list[np.ndarray] | None = None) -> np.ndarray:
     """Peaks (``peaks``) or troughs of ``confirmed_extremes``, computed on the negated
     series for troughs so that one code path serves both.
 
@@ -120,6 +121,8 @@ def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominen
     d = max(int(distance), 1)
     out_shape = (n_sym,) if last_only else close.shape
     if n_bars <= d or n_sym == 0:
+        if runmin_out is not None:
+            runmin_out.append(xp.full(n_sym, xp.nan))
         return xp.full(out_shape, xp.nan)
     first = int(entry_bar.min())  # no candidate before the earliest entry: skip those rows
     first = min(max(first, 0), n_bars - 1)
@@ -127,12 +130,16 @@ def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominen
     rows = x.shape[0]
     m = rows - d  # candidates p whose neighbourhood [p - d, p + d] is fully known
     if m <= 0:
+        if runmin_out is not None:
+            runmin_out.append(xp.full(n_sym, xp.nan))
         return xp.full(out_shape, xp.nan)
     hi = _nan_unless(x, xp.arange(first, n_bars)[:, None] >= entry_bar[None, :], xp)
     near = _window_extreme(xp.concatenate([xp.full((d, n_sym), xp.nan), hi]), 2 * d + 1,
                            xp.fmax, xp)[:m]
     hp = hi[:m]
     low_before = _cum(hp, "fmin", xp)  # lowest (highest for troughs) since entry, up to p
+    if runmin_out is not None:  # the tracker's state: the running low at p = t - d
+        runmin_out.append(low_before[-1])
     # prominence as a fraction of the extreme's price: |peak - lowest before| >= prom x |peak|
     with np.errstate(invalid="ignore"):
         ok = (hp >= near) & (hp - low_before >= prominence * xp.abs(hp))
@@ -146,6 +153,70 @@ def _confirmed(close: np.ndarray, entry_bar: np.ndarray, distance: int, prominen
     best = xp.full(close.shape, xp.nan)
     best[first + d:] = _cum(cand, "fmax", xp)
     return sign * best
+
+
+class ExtremeTracker:
+    """The last bar's confirmed peak (longs) / trough (shorts) of held positions, updated
+    incrementally from one tick to the next: a position seen at bar ``t - 1`` needs only the
+    bars ``t - 2d .. t``; any other is computed in full. Only max/min enter, so the result is
+    exactly that of ``confirmed_extremes``. State is per entry order id; one tracker per
+    process (the scoring worker, or a backtest)."""
+
+    def __init__(self) -> None:
+        # entry id -> (bar, entry bar, running low at bar - d, best) in x = close x direction
+        self._state: dict[str, tuple[int, int, float, float]] = {}
+
+    def levels(self, close: np.ndarray, keys: list[str], entry_bar: np.ndarray,
+               direction: np.ndarray, distance: int, prominence: float,
+               xp: ModuleType = np) -> np.ndarray:
+        """Peak (long) or trough (short) per column at the last bar of ``close`` ([T, H],
+        US dollars), NaN where none is confirmed."""
+        t = close.shape[0] - 1
+        d = max(int(distance), 1)
+        entries = [int(e) for e in (entry_bar.get() if hasattr(entry_bar, "get")
+                                    else entry_bar)]
+        inc = [j for j, k in enumerate(keys)
+               if (st := self._state.get(k)) is not None and st[0] == t - 1
+               and st[1] == entries[j]]
+        inc_set = set(inc)
+        full = [j for j in range(len(keys)) if j not in inc_set]
+        best_x = np.full(len(keys), np.nan)
+        runmin_x = np.full(len(keys), np.nan)
+        sign = direction.astype(float)
+        if full:
+            cols = xp.asarray(full)
+            got: list[np.ndarray] = []
+            b = _confirmed(close[:, cols] * sign[cols], entry_bar[cols], d, prominence, xp,
+                           True, True, got)
+            best_x[full] = b.get() if hasattr(b, "get") else b
+            runmin_x[full] = got[0].get() if hasattr(got[0], "get") else got[0]
+        if inc:
+            cols = xp.asarray(inc)
+            lo = max(t - 2 * d, 0)
+            w = close[lo:, cols] * sign[cols]
+            rows = xp.arange(lo, t + 1)[:, None]
+            w = _nan_unless(w, rows >= entry_bar[cols][None, :], xp)
+            prev = np.array([[self._state[keys[j]][2], self._state[keys[j]][3]] for j in inc])
+            p = t - d
+            if p >= lo:
+                xp_p = w[p - lo]
+                near = w[0]
+                for k in range(1, w.shape[0]):
+                    near = xp.fmax(near, w[k])
+                xp_p = xp_p.get() if hasattr(xp_p, "get") else np.asarray(xp_p)
+                near = near.get() if hasattr(near, "get") else np.asarray(near)
+                runmin = np.fmin(prev[:, 0], xp_p)
+                with np.errstate(invalid="ignore"):
+                    ok = (xp_p >= near) & (xp_p - runmin >= prominence * np.abs(xp_p))
+                best = np.fmax(prev[:, 1], np.where(ok, xp_p, np.nan))
+            else:
+                runmin, best = prev[:, 0], prev[:, 1]
+            best_x[inc] = best
+            runmin_x[inc] = runmin
+        self._state = {k: (t, entries[j], float(runmin_x[j]), float(best_x[j]))
+                       for j, k in enumerate(keys)}
+        out = best_x * (direction.get() if hasattr(direction, "get") else direction)
+        return xp.asarray(out)
 
 
 def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
@@ -168,18 +239,23 @@ def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarr
 def exit_codes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
                entry_price: np.ndarray, params: ExitParams,
                ml_score: np.ndarray | None = None, xp: ModuleType = np,
-               last_only: bool = False) -> np.ndarray:
+               last_only: bool = False, levels: np.ndarray | None = None) -> np.ndarray:
     """Exit code per bar and held symbol (``[T, S]`` ints, indexes into ``REASONS``; with
     ``last_only`` the last bar's ``[S]``).
 
     ``direction`` is +1 (long) / -1 (short) per symbol, ``entry_price`` the average entry
     price (US dollars), ``entry_bar`` the bar whose open filled the entry; ``ml_score``
-    (``[T, S]``, or ``[S]`` for the last bar; NaN = no score) is the exit model's probability.
+    (``[T, S]``, or ``[S]`` for the last bar; NaN = no score) is the exit model's probability;
+    ``levels`` (last bar only) are the peak/trough levels of an ``ExtremeTracker``.
     A bar without a close, or before the entry, holds (0). The first rule that fires, in
     ``REASONS`` order, is the reason.
     """
     n_bars = close.shape[0]
-    peak, trough = _side_extremes(close, entry_bar, direction, params, xp, last_only)
+    if levels is not None and last_only:  # from an ExtremeTracker
+        peak = xp.where(direction > 0, levels, xp.nan)
+        trough = xp.where(direction < 0, levels, xp.nan)
+    else:
+        peak, trough = _side_extremes(close, entry_bar, direction, params, xp, last_only)
     if last_only:
         close = close[-1:]
         peak, trough = peak[None, :], trough[None, :]

@@ -16,6 +16,7 @@ from core.brokers.simulated import SimulatedBroker
 from core.calendar import NY
 from core.config import Settings
 from core.decision import DecisionParams
+from core.exits import ExtremeTracker
 from core.keys import Keys
 from core.market.bar_store import BarWindow, RedisBarStore
 from core.replay import RedisReplay
@@ -54,6 +55,8 @@ class Runtime:
         )
 
     skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    # incremental peak/trough state of held positions (the scoring process)
+    extremes: ExtremeTracker = field(default_factory=ExtremeTracker)
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)

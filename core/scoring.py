@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from core.brokers.base import Position
-from core.exits import REASONS, ExitParams, exit_codes
+from core.exits import REASONS, ExitParams, ExtremeTracker, exit_codes
 from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME
 from core.signals import Signal
 from core.signals.orb import OrbParams, orb_signals
@@ -122,7 +122,8 @@ def entry_bar_of(position: Position, open_time: dt.datetime, bar_seconds: int,
 
 def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datetime,
               bar_seconds: int, positions: dict[str, Position], params: ScoringParams,
-              exit_model: ExitModel | None = None, xp: ModuleType = np) -> ScoredBar:
+              exit_model: ExitModel | None = None, xp: ModuleType = np,
+              tracker: ExtremeTracker | None = None) -> ScoredBar:
     """Score the last bar of ``window`` ([t+1, S, 5]) for every symbol.
 
     Signals of symbols whose bar at ``t`` is unusable are dropped (``skipped`` says why);
@@ -147,14 +148,15 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
                                                                    & (closes > 0))
              if symbols[i] not in bad}
     exits = held_exits(window, symbols, open_time, bar_seconds, positions, params.exits,
-                       marks, exit_model, xp)
+                       marks, exit_model, xp, tracker)
     return ScoredBar(signals=signals, marks=marks, exits=exits, skipped=skipped)
 
 
 def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datetime,
                bar_seconds: int, positions: dict[str, Position], params: ExitParams,
                marks: dict[str, float], exit_model: ExitModel | None = None,
-               xp: ModuleType = np) -> dict[str, tuple[str, str]]:
+               xp: ModuleType = np,
+               tracker: ExtremeTracker | None = None) -> dict[str, tuple[str, str]]:
     """Exit reason and entry order id of each held position that must close at ``t``."""
     t = window.shape[0] - 1
     index = {s: i for i, s in enumerate(symbols)}
@@ -185,7 +187,12 @@ def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datet
         except Exception:  # a broken model must never block the rule exits
             log.exception("exit model failed; rule exits only for this bar")
     close = window[:, idx, CLOSE]
-    codes = exit_codes(close, entry_bar, direction, avg, params, ml_score, xp, last_only=True)
+    levels = None
+    if tracker is not None:
+        levels = tracker.levels(close, [h[5] for h in held], entry_bar, direction,
+                                params.peak_distance_bars, params.peak_prominence_pct, xp)
+    codes = exit_codes(close, entry_bar, direction, avg, params, ml_score, xp, last_only=True,
+                       levels=levels)
     codes_np = codes.get() if hasattr(codes, "get") else np.asarray(codes)
     return {h[0]: (REASONS[int(c)], h[5]) for h, c in zip(held, codes_np, strict=True)
             if int(c)}

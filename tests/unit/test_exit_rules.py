@@ -385,3 +385,30 @@ def test_generic_array_module_path_matches_numpy(args: tuple, extra_symbols: int
         got = exit_codes(close, entry, direction, price, params, ml, xp=_NOT_NUMPY,
                          last_only=last_only)
         np.testing.assert_array_equal(got, want)
+
+
+# --- the incremental tracker equals the full computation ----------------------------------------
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(2, 40), st.integers(1, 6))
+def test_tracker_matches_full_recompute_tick_by_tick(seed: int, distance: int, n_bars: int,
+                                                     n_sym: int) -> None:
+    from core.exits import ExtremeTracker, confirmed_extremes
+
+    rng = np.random.default_rng(seed)
+    close = 100 + np.cumsum(rng.normal(0, 0.3, (n_bars, n_sym)), axis=0)
+    close[rng.random(close.shape) < 0.1] = np.nan
+    entry = rng.integers(0, n_bars, n_sym)
+    direction = np.where(rng.random(n_sym) < 0.5, 1, -1)
+    keys = [f"k{j}-{entry[j]}" for j in range(n_sym)]
+    tracker = ExtremeTracker()
+    for t in range(n_bars):
+        held = [j for j in range(n_sym) if entry[j] <= t and rng.random() < 0.9]  # gaps too
+        if not held:
+            continue
+        cols = np.array(held)
+        got = tracker.levels(close[: t + 1][:, cols], [keys[j] for j in held], entry[cols],
+                             direction[cols], distance, 0.002)
+        peak, trough = confirmed_extremes(close[: t + 1][:, cols], entry[cols], distance,
+                                          0.002, last_only=True)
+        want = np.where(direction[cols] > 0, peak, trough)
+        np.testing.assert_array_equal(got, want)
