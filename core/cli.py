@@ -492,6 +492,15 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``daytrader`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from core.config import load_settings
+        from core.logs import StructuredFormatter, secret_values
+
+        for handler in logging.getLogger().handlers:  # secrets masked here too
+            handler.setFormatter(StructuredFormatter(
+                secret_values(load_settings()), fmt="%(levelname)s %(name)s: %(message)s"))
+    except Exception:  # bad settings are reported by the command itself
+        pass
     args = _parser().parse_args(argv)
     try:
         if args.command == "sim":

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = Field(20, ge=1)
     task_time_limit_s: int = Field(30, ge=2)
 
+    # --- logs: "text" (key=value extras) or "json" (one object per line); secrets masked --
+    log_format: Literal["text", "json"] = "text"
+
     # --- alerts (optional): Slack/Discord-style webhook, rate-limited ----------------------
     alert_webhook_url: SecretStr | None = None
     alert_max_per_minute: int = Field(20, ge=1, le=1000)

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 from beat_schedule import build_schedule
 from core.config import get_settings
@@ -27,3 +28,12 @@ class TradingTask(Task):
 app = Celery("tasks", task_cls=TradingTask)
 app.config_from_object("celeryconfig")
 app.conf.beat_schedule = build_schedule(get_settings())
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: Any = None, **_: Any) -> None:
+    """Workers and beat log the records' extra fields and never a secret."""
+    from core.logs import install
+
+    install(get_settings(), logger)
