@@ -22,6 +22,15 @@ broker_transport_options = {
 redis_socket_timeout = 10
 redis_socket_connect_timeout = 5
 
+# TLS: a rediss:// URL verifies the server's certificate (TRADING_REDIS_CA_FILE: a private CA)
+if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
+    import ssl as _ssl
+
+    broker_use_ssl = {"ssl_cert_reqs": _ssl.CERT_REQUIRED}
+    if _settings.redis_ca_file:
+        broker_use_ssl["ssl_ca_certs"] = str(_settings.redis_ca_file)
+    redis_backend_use_ssl = dict(broker_use_ssl)
+
 # JSON only: a pickled message is refused.
 accept_content = ["json"]
 task_serializer = "json"

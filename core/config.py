@@ -37,7 +37,9 @@ class Settings(BaseSettings):
 
     # --- mode and infrastructure -------------------------------------------------------
     mode: Literal["sim", "paper", "live"] = "sim"
+    # redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path.sock?db=0
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_ca_file: Path | None = None  # CA bundle for a rediss:// server with a private CA
     symbols: Symbols = DEFAULT_SYMBOLS
 
     # --- risk (US dollars and fractions) ------------------------------------------------

@@ -70,10 +70,18 @@ class Runtime:
         return cached
 
 
-def connect_redis(url: str) -> Redis:
-    """A Redis client with timeouts, so a dead server fails fast instead of hanging."""
+def connect_redis(url: str, ca_file: str | None = None) -> Redis:
+    """A Redis client with timeouts, so a dead server fails fast instead of hanging.
+
+    ``user:password@`` in the URL logs in (ACL user); ``rediss://`` speaks TLS and verifies
+    the server's certificate (``ca_file``: a private CA bundle)."""
+    extra = {}
+    if url.startswith("rediss://"):
+        extra["ssl_cert_reqs"] = "required"
+        if ca_file:
+            extra["ssl_ca_certs"] = ca_file
     return Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                          health_check_interval=30, retry_on_timeout=True)
+                          health_check_interval=30, retry_on_timeout=True, **extra)
 
 
 def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: RedisBarStore,
@@ -124,7 +132,8 @@ def replay_time(replay: RedisReplay) -> dt.datetime:
 
 def build_runtime(settings: Settings) -> Runtime:
     """Build every adapter for this process."""
-    redis = connect_redis(settings.redis_url)
+    redis = connect_redis(settings.redis_url,
+                          str(settings.redis_ca_file) if settings.redis_ca_file else None)
     keys = Keys.for_mode(settings.mode, settings.sim_run_id)
     bar_store = RedisBarStore(redis, keys)
     replay = RedisReplay(redis, keys, bar_store)
