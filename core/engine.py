@@ -201,27 +201,34 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
                       confidence=float(s["confidence"]),
                       bar_time=dt.datetime.fromisoformat(s["bar_time"]), price=float(s["price"]))
                for s in scored.get("signals", [])]
-    if not rt.redis.exists(rt.keys.reconciled(day)):
-        reconcile(rt, day)  # new day, or Redis lost its data: rebuild before any entry
-    positions, open_orders = rt.broker.snapshot()
     marks = {k: float(v) for k, v in scored.get("marks", {}).items()}
-    pipe = rt.redis.pipeline(transaction=False)
-    pipe.smembers(rt.keys.entries(day))
-    pipe.get(rt.keys.used_capital(day))
-    pipe.exists(rt.keys.halt())
-    pipe.exists(rt.keys.loss_halt(day))
-    pipe.hkeys(rt.keys.k(f"stale_symbols:{day.isoformat()}"))  # written by the feed
-    if timing and len(timing) == 3 and all(isinstance(x, int | float) for x in timing):
-        t0, t1, t2 = (float(x) for x in timing)
-        # the last tick's stage times (ms) for `daytrader status` and the metrics; rides on
-        # this pipeline, so it costs no extra round trip
-        pipe.hset(rt.keys.k("tick:last"), mapping={
-            "date": day.isoformat(), "bar": bar, "tick_at": t0,
-            "score_queue_ms": round((t1 - t0) * 1000, 3),
-            "score_ms": round((t2 - t1) * 1000, 3),
-            "decide_queue_ms": round((decide_at - t2) * 1000, 3),
-            "signals": len(scored.get("signals", [])), "model": scored.get("model") or ""})
-    entered_raw, used_raw, halted, loss_halted, stale_raw = pipe.execute()[:5]
+
+    def reads() -> list[Any]:
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.smembers(rt.keys.entries(day))
+        pipe.get(rt.keys.used_capital(day))
+        pipe.exists(rt.keys.halt())
+        pipe.exists(rt.keys.loss_halt(day))
+        pipe.hkeys(rt.keys.k(f"stale_symbols:{day.isoformat()}"))  # written by the feed
+        pipe.exists(rt.keys.reconciled(day))
+        if timing and len(timing) == 3 and all(isinstance(x, int | float) for x in timing):
+            t0, t1, t2 = (float(x) for x in timing)
+            # the last tick's stage times (ms) for `daytrader status` and the metrics; rides
+            # on this pipeline, so it costs no extra round trip
+            pipe.hset(rt.keys.k("tick:last"), mapping={
+                "date": day.isoformat(), "bar": bar, "tick_at": t0,
+                "score_queue_ms": round((t1 - t0) * 1000, 3),
+                "score_ms": round((t2 - t1) * 1000, 3),
+                "decide_queue_ms": round((decide_at - t2) * 1000, 3),
+                "signals": len(scored.get("signals", [])), "model": scored.get("model") or ""})
+        return pipe.execute()
+
+    replies = reads()
+    if not replies[5]:
+        reconcile(rt, day)  # new day, or Redis lost its data: rebuild before any entry
+        replies = reads()
+    positions, open_orders = rt.broker.snapshot()
+    entered_raw, used_raw, halted, loss_halted, stale_raw = replies[:5]
     if stale_raw:  # stale market data blocks new entries for those symbols
         stale = {x.decode() for x in stale_raw}
         signals = [s for s in signals if s.symbol not in stale]
