@@ -80,6 +80,9 @@ def test_worker_killed_mid_order_then_redelivered(redis_client, redis_url, tmp_p
     try:
         rt.replay.register_pending(day, bar, [intent["client_order_id"]])
         send(redis_url, intent)
+        # the redelivered task reaches the broker: the bar may count as settled before it
+        # runs (seen once under load in CI), so that alone is no sign it ran
+        wait_for(lambda: rt.broker.order_log(), 90, "the redelivered order at the broker")
         wait_for(lambda: rt.replay.state().settled == bar, 90, "the redelivered task")
         wait_for(lambda: not redis_client.llen("exec") and not redis_client.hlen("unacked"),
                  60, "the queue to drain")
