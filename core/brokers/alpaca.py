@@ -583,6 +583,42 @@ class AlpacaBroker:
         """client_order_ids of the day's orders in submission order."""
         return [o.client_order_id for o in self.all_orders(day) if _ours(o.client_order_id)]
 
+    def trades(self, day: dt.date | None = None) -> list[dict[str, object]]:
+        """Round trips of the day (default today) in the simulated broker's trade format:
+        each filled entry of ours paired with its filled exits (``<entry id>-x<n>`` and the
+        protective stop leg ``-s``). Exit reasons are not kept at Alpaca: "exit" (or
+        "broker_stop" for the stop leg). No fees (Alpaca charges no commission on equities)."""
+        orders = self.all_orders(day)
+        out: list[dict[str, object]] = []
+        for entry in orders:
+            if not (ENTRY_ID.match(entry.client_order_id) and entry.filled_qty > 0
+                    and entry.filled_avg_price):
+                continue
+            direction = 1 if entry.side == "buy" else -1
+            entry_px = Decimal(entry.filled_avg_price)
+            for x in orders:
+                if not (x.client_order_id.startswith(entry.client_order_id + "-")
+                        and x.filled_qty > 0 and x.filled_avg_price):
+                    continue
+                exit_px = Decimal(x.filled_avg_price)
+                gross = cents((exit_px - entry_px) * x.filled_qty * direction)
+                out.append({
+                    "client_order_id": entry.client_order_id,
+                    "exit_client_order_id": x.client_order_id, "date": entry.session_date,
+                    "symbol": entry.symbol, "side": entry.side, "qty": x.filled_qty,
+                    "entry_time": entry.filled_at or entry.submitted_at,
+                    "entry_price": str(entry_px), "exit_time": x.filled_at or x.submitted_at,
+                    "exit_price": str(exit_px),
+                    "exit_reason": "broker_stop" if x.order_type in ("stop", "stop_limit")
+                    else "exit",
+                    "gross_pnl_cents": gross, "fees_cents": 0, "pnl_cents": gross,
+                    "strategy": entry.strategy, "confidence": entry.confidence})
+        return out
+
+    def cash_cents(self) -> int:
+        """The account's cash in cents."""
+        return self.account().cash_cents
+
     def expire_session_orders(self, session_date: dt.date) -> list[FillEvent]:
         """Nothing to expire here (Alpaca ends DAY orders itself): the day's entries that
         ended, as events, so reservations follow what really filled."""

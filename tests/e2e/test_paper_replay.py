@@ -84,3 +84,12 @@ def test_a_replayed_day_in_paper_mode_against_a_local_alpaca(redis_client, redis
                     for o in entries if o["filled_avg_price"])
         assert value <= Decimal(settings.daily_limit_cents) / 100
         assert rt.broker.get_positions() == {}
+        # the day's round trips read back from the orders, in the simulated broker's format
+        trades = rt.broker.trades(day.date)
+        assert len(trades) == len([o for o in exits if o["filled_qty"] != "0"])
+        assert {t["client_order_id"] for t in trades} <= {o["client_order_id"] for o in entries}
+        for t in trades:
+            sign = 1 if t["side"] == "buy" else -1
+            want = (Decimal(t["exit_price"]) - Decimal(t["entry_price"])) * t["qty"] * sign
+            assert t["pnl_cents"] == round(want * 100) and t["fees_cents"] == 0
+        assert rt.broker.cash_cents() > 0
