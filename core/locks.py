@@ -1,14 +1,27 @@
-"""A Redis lock with a random token, released only by its owner (compare-and-delete Lua)."""
+"""Redis locks with a random token, released only by their owner (compare-and-delete Lua):
+``TokenLock`` per order, ``ProcessLock`` for a process that must run once per deployment
+(the market-data feed, the trade_updates consumer of an account)."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import socket
+import time
 from types import TracebackType
+from typing import Any
 
 from redis import Redis
 
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
 """
 
@@ -43,3 +56,46 @@ class TokenLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+class ProcessLock:
+    """One holder per key: SET NX PX with a JSON token naming host, pid and ``info``; the
+    holder renews it (compare-and-expire) and releases it (compare-and-delete)."""
+
+    def __init__(self, redis: Redis, key: str, ttl_s: float = 30.0,
+                 info: dict[str, Any] | None = None) -> None:
+        self._r = redis
+        self.key = key
+        self.ttl_ms = int(ttl_s * 1000)
+        self.token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "since": time.time(), "nonce": secrets.token_hex(8),
+                                 **(info or {})})
+        self._renew = redis.register_script(_RENEW_LUA)
+        self._release = redis.register_script(_RELEASE_LUA)
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        """Take the lock if free; True when taken."""
+        self.held = bool(self._r.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        return self.held
+
+    def holder(self) -> tuple[dict[str, Any], int]:
+        """Who holds the lock (its token, {} if unreadable) and its TTL left in ms."""
+        raw = self._r.get(self.key)
+        ttl = int(self._r.pttl(self.key))
+        try:
+            return (json.loads(raw) if raw else {}), max(ttl, 0)
+        except ValueError:
+            return {}, max(ttl, 0)
+
+    def renew(self) -> bool:
+        """Extend the TTL if still ours; False (and no longer held) when it was lost."""
+        ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
+        self.held = ok
+        return ok
+
+    def release(self) -> None:
+        """Release if still ours."""
+        if self.held:
+            self._release(keys=[self.key], args=[self.token])
+            self.held = False

@@ -110,13 +110,20 @@ def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: Red
                    replay=replay, broker=broker,  # type: ignore[arg-type]
                    limits=RedisDailyLimitStore(redis, keys), window=BarWindow(bar_store),
                    breaker=breaker,
-                   models=ModelHolder(settings.model_dir,
-                                      check_seconds=settings.model_check_seconds,
-                                      loader=functools.partial(make_predictor,
-                                                               backend=settings.ml_backend)),
-                   alerts=Alerter(redis, keys.prefix, settings.alert_webhook_url.get_secret_value()
-                                  if settings.alert_webhook_url else None,
-                                  per_minute=settings.alert_max_per_minute))
+                   **_models_and_alerts(settings, redis, keys))
+
+
+def _models_and_alerts(settings: Settings, redis: Redis, keys: Keys) -> dict[str, object]:
+    """The model holder and the alerter, the same in every mode."""
+    return {
+        "models": ModelHolder(settings.model_dir, check_seconds=settings.model_check_seconds,
+                              loader=functools.partial(make_predictor,
+                                                       backend=settings.ml_backend)),
+        "alerts": Alerter(redis, keys.prefix,
+                          settings.alert_webhook_url.get_secret_value()
+                          if settings.alert_webhook_url else None,
+                          per_minute=settings.alert_max_per_minute),
+    }
 
 
 def replay_time(replay: RedisReplay) -> dt.datetime:
@@ -157,10 +164,4 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
                    window=BarWindow(bar_store), breaker=breaker,
-                   models=ModelHolder(settings.model_dir,
-                                      check_seconds=settings.model_check_seconds,
-                                      loader=functools.partial(make_predictor,
-                                                               backend=settings.ml_backend)),
-                   alerts=Alerter(redis, keys.prefix, settings.alert_webhook_url.get_secret_value()
-                                  if settings.alert_webhook_url else None,
-                                  per_minute=settings.alert_max_per_minute))
+                   **_models_and_alerts(settings, redis, keys))

@@ -40,12 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -59,6 +57,7 @@ from redis import Redis
 from core.calendar import NY, exchange_date, is_session, session_bounds
 from core.errors import ConfigError, TradingError, TransientError
 from core.keys import Keys
+from core.locks import ProcessLock
 from core.market.bar_store import RedisBarStore, SessionMeta
 
 log = logging.getLogger(__name__)
@@ -704,50 +703,30 @@ class SessionFeed:
 
 # --- lock and process entry --------------------------------------------------------------
 
-_REFRESH_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-class FeedLock:
-    """The one-feed-per-deployment lock: a token value with a TTL, refreshed by its owner."""
+class FeedLock(ProcessLock):
+    """The one-feed-per-deployment lock, refreshed by its owner."""
 
     def __init__(self, redis: Redis, key: str, ttl_s: float = 30.0, source: str = "") -> None:
-        self._r = redis
-        self.key = key
-        self._ttl_ms = int(ttl_s * 1000)
-        self.value = json.dumps({
-            "token": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
-            "source": source, "started": now_ny().isoformat(timespec="seconds"),
-        })
-        self._refresh = redis.register_script(_REFRESH_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
+        super().__init__(redis, key, ttl_s, {
+            "source": source, "started": now_ny().isoformat(timespec="seconds")})
         self._refreshed = 0.0
-        self.held = False
+
+    @property
+    def value(self) -> str:
+        """The token stored under the key."""
+        return self.token
 
     def acquire(self) -> None:
         """Take the lock or raise FeedAlreadyRunning naming the holder."""
-        if self._r.set(self.key, self.value, nx=True, px=self._ttl_ms):
-            self.held = True
+        if self.try_acquire():
             self._refreshed = time.monotonic()
             return
-        raw = self._r.get(self.key)
-        try:
-            holder = json.loads(raw) if raw else {}
-        except ValueError:
-            holder = {}
+        holder, _ = self.holder()
         raise FeedAlreadyRunning(
             f"another market-data feed is already running for this deployment (pid "
             f"{holder.get('pid', '?')} on {holder.get('host', '?')}, {holder.get('source', '?')}"
             f", since {holder.get('started', '?')}); only one feed may write the bar store. "
-            f"Stop it first, or wait {self._ttl_ms // 1000} s after it died "
+            f"Stop it first, or wait {self.ttl_ms // 1000} s after it died "
             f"(Redis key {self.key})")
 
     def refresh(self) -> bool:
@@ -755,17 +734,10 @@ class FeedLock:
         if not self.held:
             return False
         mono = time.monotonic()
-        if mono - self._refreshed < self._ttl_ms / 3000:
+        if mono - self._refreshed < self.ttl_ms / 3000:
             return True
-        ok = bool(self._refresh(keys=[self.key], args=[self.value, self._ttl_ms]))
         self._refreshed = mono
-        self.held = ok
-        return ok
-
-    def release(self) -> None:
-        if self.held:
-            self._release(keys=[self.key], args=[self.value])
-            self.held = False
+        return self.renew()
 
 
 def next_session_day(now: dt.datetime) -> dt.date:

@@ -25,12 +25,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import logging
-import os
 import random
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +41,7 @@ from core.brokers.base import TERMINAL, FillEvent, Order
 from core.calendar import NY
 from core.errors import ConfigError
 from core.keys import Keys
+from core.locks import ProcessLock
 
 log = logging.getLogger(__name__)
 
@@ -115,62 +112,22 @@ class OrderStates:
 
 
 # --- the lock ---------------------------------------------------------------------------------
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 class StreamAlreadyRunning(ConfigError):
     """Another consumer holds this account's trade_updates lock."""
 
 
-class StreamLock:
-    """The account's consumer lock: SET NX PX with a token naming host and pid."""
-
-    def __init__(self, redis: Redis, key: str, ttl_s: float = 30.0) -> None:
-        self._r = redis
-        self.key = key
-        self.ttl_ms = int(ttl_s * 1000)
-        self.token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "since": time.time(), "nonce": secrets.token_hex(8)})
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
-        self.held = False
+class StreamLock(ProcessLock):
+    """The account's consumer lock (one consumer per account)."""
 
     def acquire(self) -> None:
         """Take the lock or raise StreamAlreadyRunning naming the holder."""
-        if self._r.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            self.held = True
+        if self.try_acquire():
             return
-        raw = self._r.get(self.key)
-        ttl = self._r.pttl(self.key)
-        try:
-            holder = json.loads(raw) if raw else {}
-        except ValueError:
-            holder = {}
+        holder, ttl = self.holder()
         raise StreamAlreadyRunning(
             f"a trade_updates consumer for this account is already running "
             f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}; lock {self.key}, "
-            f"expires in {max(ttl, 0) / 1000:.0f}s unless renewed): refusing to start a second "
-            "one")
-
-    def renew(self) -> bool:
-        """Extend the TTL if still ours; False when the lock was lost."""
-        ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
-        self.held = ok
-        return ok
-
-    def release(self) -> None:
-        if self.held:
-            self._release(keys=[self.key], args=[self.token])
-            self.held = False
+            f"expires in {ttl / 1000:.0f}s unless renewed): refusing to start a second one")
 
 
 def account_tag(api_key: str, paper: bool) -> str:
