@@ -17,7 +17,9 @@ from core.config import Settings
 
 def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule for these settings (intervals in wall seconds)."""
-    tick = settings.bar_interval_s
+    # on the exchange clock the tick polls for the feed's newest bar (once per bar, guarded)
+    live = settings.mode != "sim" and settings.clock == "exchange"
+    tick = min(settings.bar_interval_s, 5.0) if live else settings.bar_interval_s
     sim = settings.mode == "sim"
     reconcile = max(tick * 30.0, 5.0) if sim else settings.reconcile_seconds
     schedule: dict[str, dict[str, Any]] = {

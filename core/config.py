@@ -285,8 +285,9 @@ class Settings(BaseSettings):
 
     @property
     def bar_interval_s(self) -> float:
-        """Wall seconds between beat ticks: one bar per tick (sim speed applies in sim mode)."""
-        if self.mode == "sim":
+        """Wall seconds between beat ticks: one bar per tick on a replay (sim speed applies),
+        ``TICK_SECONDS`` on the exchange clock."""
+        if self.mode == "sim" or self.clock == "replay":
             return 60.0 / self.sim_speed
         return self.tick_seconds
 

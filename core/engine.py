@@ -17,6 +17,7 @@ import time
 from typing import Any, Protocol
 
 from core.brokers.base import FillEvent
+from core.calendar import exchange_date
 from core.decision import DecisionInput, decide
 from core.execution import apply_fill_events, reconcile, release_orphans
 from core.runtime import Runtime
@@ -42,6 +43,8 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
     """Advance the replay by one bar if the previous bar is settled, fill due orders and
     hand the new bar to scoring. Safe to call any number of times per bar."""
     now_wall = time.time() if now_wall is None else now_wall
+    if rt.live_clock:
+        return live_tick(rt, dispatcher, now_wall)
     replay = rt.replay
     st = replay.state()
     if st.status == "empty":
@@ -78,6 +81,26 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
     dispatcher.score({"date": meta.date.isoformat(), "bar": adv.bar, "t0": now_wall})
     return {"status": "advanced", "date": meta.date.isoformat(), "bar": adv.bar,
             "fills": len(fills)}
+
+
+def live_tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float) -> dict[str, Any]:
+    """On the exchange clock: hand the newest bar the feed published to scoring, once per
+    bar (a Redis guard), and record the day once its last bar is in. Fills come from the
+    trade_updates consumer, not from bars. Beat calls this every few seconds."""
+    day = exchange_date(rt.now_fn())
+    meta = rt.bar_store.meta(day)
+    if meta is None:
+        return {"status": "no_session", "date": day.isoformat()}
+    bar = rt.bar_store.count(day) - 1
+    if bar < 0:
+        return {"status": "waiting", "date": day.isoformat(), "bar": bar}
+    if not rt.redis.set(rt.keys.tick_guard(day, bar), "1", nx=True, ex=4 * 24 * 3600):
+        return {"status": "duplicate", "date": day.isoformat(), "bar": bar}
+    if bar == meta.n_bars - 1 and rt.redis.set(rt.keys.k(f"eod_stats:{day.isoformat()}"), "1",
+                                               nx=True, ex=4 * 24 * 3600):
+        _end_of_day(rt, meta)
+    dispatcher.score({"date": day.isoformat(), "bar": bar, "t0": now_wall})
+    return {"status": "advanced", "date": day.isoformat(), "bar": bar}
 
 
 def _process_fills(rt: Runtime, meta: Any, bar: int, row: Any) -> list[FillEvent]:

@@ -360,10 +360,12 @@ def close_all(rt: Runtime, reason: str) -> dict[str, Any]:
 
 def eod_close(rt: Runtime) -> dict[str, Any]:
     """Inside the EOD window of the session's real close: flatten (idempotent)."""
-    meta, bar = rt.replay.now()
+    meta, bar = rt.session_now()
     if meta is None:
         return {"status": "no_session"}
     decision_time = meta.bar_time(max(bar, 0)) + dt.timedelta(seconds=meta.bar_seconds)
+    if rt.live_clock:  # the wall clock decides, whatever the feed has published
+        decision_time = max(decision_time, rt.now_fn())
     if decision_time >= meta.close_time:
         return {"status": "closed", "date": meta.date.isoformat()}
     if not in_eod_window(decision_time, meta.close_time, rt.settings.eod_close_minutes_before):

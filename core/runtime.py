@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -13,12 +14,12 @@ from core.breaker import BreakerConfig, RedisCircuitBreaker
 from core.brokers.faults import FaultyBroker, parse_faults
 from core.brokers.fill_model import FillModel
 from core.brokers.simulated import SimulatedBroker
-from core.calendar import NY
+from core.calendar import NY, exchange_date
 from core.config import Settings
 from core.decision import DecisionParams
 from core.exits import ExtremeTracker
 from core.keys import Keys
-from core.market.bar_store import BarWindow, RedisBarStore
+from core.market.bar_store import BarWindow, RedisBarStore, SessionMeta
 from core.replay import RedisReplay
 from core.risk import RiskLimits
 from core.risk_store import RedisDailyLimitStore
@@ -60,6 +61,24 @@ class Runtime:
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)
+    # wall clock, America/New_York (tests replace it)
+    now_fn: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(NY))
+
+    @property
+    def live_clock(self) -> bool:
+        """True in paper/live on the exchange's clock: bars come from the feed, not a replay."""
+        return self.settings.mode != "sim" and self.settings.clock == "exchange"
+
+    def session_now(self) -> tuple[SessionMeta | None, int]:
+        """The current session and its last bar: the replay's, or on the exchange clock
+        today's session in the bar store and the last bar the feed published (-1: none)."""
+        if not self.live_clock:
+            return self.replay.now()
+        day = exchange_date(self.now_fn())
+        meta = self.bar_store.meta(day)
+        if meta is None:
+            return None, -1
+        return meta, self.bar_store.count(day) - 1
 
     def scoring_params(self, bar_seconds: int) -> ScoringParams:
         """The scoring step's slice of the settings for bars of ``bar_seconds``."""
@@ -90,19 +109,15 @@ def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: Red
     ``TRADING_CLOCK=replay`` the replay clock drives the day (rehearsals, local servers);
     otherwise the exchange's clock does."""
     from core.brokers.alpaca import AlpacaBroker
-    from core.errors import ConfigError
     from core.ratelimit import BucketConfig, RedisTokenBucket
 
-    if settings.clock != "replay":
-        raise ConfigError("paper/live on the exchange clock needs the live tick driver, which "
-                          "is not built yet; TRADING_CLOCK=replay rehearses a replayed day "
-                          "against the Alpaca account")
     limiter = RedisTokenBucket(redis, keys.k("ratelimit:alpaca"), BucketConfig(
         capacity=settings.alpaca_rate_burst, refill_per_s=settings.alpaca_rate_per_minute / 60,
         exit_reserve=settings.alpaca_exit_reserve))
     broker = AlpacaBroker.from_settings(settings, limiter=limiter,
                                         url_override=settings.alpaca_base_url)
-    broker._now = functools.partial(replay_time, replay)
+    if settings.clock == "replay":
+        broker._now = functools.partial(replay_time, replay)
     breaker = RedisCircuitBreaker(redis, keys, BreakerConfig(
         failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
         cooldown_s=settings.breaker_cooldown_s))

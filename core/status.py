@@ -52,7 +52,7 @@ def _marks(rt: Runtime, day: dt.date, bar: int) -> dict[str, float]:
 def collect(rt: Runtime) -> dict[str, Any]:
     """The status document (JSON-ready)."""
     r = rt.redis
-    meta, bar = rt.replay.now() if rt.settings.mode == "sim" else (None, -1)
+    meta, bar = rt.session_now()
     day = meta.date if meta is not None else dt.datetime.now(tz=dt.UTC).date()
     positions, open_orders = rt.broker.snapshot()
     marks = _marks(rt, day, bar) if meta is not None else {}

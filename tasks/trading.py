@@ -101,7 +101,7 @@ def resume_trading() -> dict[str, Any]:
 def reconcile(date: str | None = None) -> dict[str, Any]:
     """Rebuild today's used capital and entries from the broker (start-up and periodic)."""
     rt = get_runtime()
-    meta, _ = rt.replay.now()
+    meta, _ = rt.session_now()
     if date is None and meta is None:
         return {"status": "no_session"}
     import datetime as dt

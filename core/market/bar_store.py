@@ -127,6 +127,13 @@ class RedisBarStore:
             raise ValueError(f"bar {bar} of {day} published before bar {-res // meta.row_bytes}")
         return res > 0
 
+    def count(self, day: dt.date) -> int:
+        """How many bars of ``day`` are in the store (0 when none or no session)."""
+        meta = self.meta(day)
+        if meta is None:
+            return 0
+        return int(self._r.strlen(self._keys.bars(day))) // meta.row_bytes
+
     def read(self, day: dt.date, start_bar: int = 0) -> np.ndarray:
         """Bars from ``start_bar`` to the newest as ``[n, S, 5]`` (one round trip)."""
         meta = self.meta(day)
