@@ -352,3 +352,36 @@ class TradeUpdatesConsumer:
         if events:
             log.info("reconcile reported %d order changes", len(events))
         return events
+
+
+def main() -> int:
+    """The ``stream`` process (paper/live): Alpaca's trade_updates applied to the limit store
+    (reservations follow what really filled). Exits 2 with a clear message in sim mode or
+    when another consumer holds the account."""
+    import sys
+
+    from core.config import load_settings
+    from core.execution import apply_fill_events
+    from core.runtime import build_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    try:
+        settings = load_settings()
+        if settings.mode == "sim":
+            raise ConfigError("the trade_updates stream runs in paper/live mode only "
+                              "(TRADING_MODE=sim fills orders in the simulated broker)")
+        rt = build_runtime(settings)
+        consumer = TradeUpdatesConsumer.from_settings(
+            settings, rt.redis, rt.keys, rt.broker,  # type: ignore[arg-type]
+            lambda events: apply_fill_events(rt, events),
+            url_override=settings.alpaca_trading_stream_url)
+        consumer.run()
+    except ConfigError as exc:
+        print(f"daytrader stream: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,7 +31,7 @@ DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yml"
 PROCFILE = REPO / "Procfile"
 DOCKERFILES = {"Dockerfile": DOCKER / "Dockerfile", "Dockerfile.gpu": DOCKER / "Dockerfile.gpu"}
-PROCESSES = {"gpu", "exec", "beat", "flower", "feed"}
+PROCESSES = {"gpu", "exec", "beat", "flower", "feed", "stream"}
 
 
 # --- a strict parser for the YAML subset of compose.yml --------------------------------------
@@ -271,6 +271,7 @@ def test_procfile_has_every_process() -> None:
     assert set(procs) == PROCESSES
     assert procs["flower"] == ["python", "-m", "core.flower"]
     assert procs["feed"] == ["python", "-m", "core.market.feed"]
+    assert procs["stream"] == ["python", "-m", "core.streams.trade_updates"]
     joined = PROCFILE.read_text()
     assert "--basic-auth" not in joined and "PASSWORD" not in joined  # no secret on a cmdline
 
@@ -405,7 +406,7 @@ def test_compose_gpu_worker_has_a_gpu_and_concurrency_one(compose: dict[str, Any
 
 
 def test_compose_has_exactly_one_beat_and_one_feed(compose: dict[str, Any]) -> None:
-    for proc in ("beat", "feed"):
+    for proc in ("beat", "feed", "stream"):
         services = _services_running(compose, proc)
         assert len(services) == 1, (proc, services)
         assert compose["services"][services[0]].get("deploy", {}).get("replicas", 1) == 1
