@@ -98,16 +98,10 @@ def say(text: str) -> None:
 
 
 def _drop_namespace(rt: Any) -> None:
-    """Remove a finished run's keys from Redis (as ``core.cli._drop_namespace``)."""
-    prefix = rt.keys.k("")
-    batch: list[Any] = []
-    for key in rt.redis.scan_iter(match=prefix + "*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            rt.redis.unlink(*batch)
-            batch = []
-    if batch:
-        rt.redis.unlink(*batch)
+    """Remove a finished run's keys from Redis (its outputs are on disk)."""
+    from core.runtime import drop_namespace
+
+    drop_namespace(rt.redis, rt.keys.k(""))
 
 
 def ours_cli(data: Path, out: Path, url: str) -> tuple[Row, Row]:

@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _range_env(args: argparse.Namespace) -> dict[str, str]:
+    """The replay's date range and symbols from ``--from``, ``--to`` and ``--symbols``."""
+    env: dict[str, str] = {}
+    if args.from_ is not None:
+        env["TRADING_SIM_FROM"] = args.from_.isoformat()
+    if args.to is not None:
+        env["TRADING_SIM_TO"] = args.to.isoformat()
+    if args.symbols:
+        env["TRADING_SIM_SYMBOLS"] = args.symbols
+    return env
+
+
 def _sim_env(args: argparse.Namespace) -> dict[str, str]:
     env: dict[str, str] = {"TRADING_MODE": "sim"}
     if args.data is not None:
@@ -117,12 +129,7 @@ def _sim_env(args: argparse.Namespace) -> dict[str, str]:
         env["TRADING_SIM_DAYS"] = str(args.days)
     if args.speed is not None:
         env["TRADING_SIM_SPEED"] = repr(args.speed)
-    if args.from_ is not None:
-        env["TRADING_SIM_FROM"] = args.from_.isoformat()
-    if args.to is not None:
-        env["TRADING_SIM_TO"] = args.to.isoformat()
-    if args.symbols:
-        env["TRADING_SIM_SYMBOLS"] = args.symbols
+    env.update(_range_env(args))
     if args.synthetic_symbols is not None:
         env["TRADING_SIM_SYNTHETIC_SYMBOLS"] = str(args.synthetic_symbols)
     if args.seed is not None:
@@ -207,12 +214,7 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data {args.data}: no such folder")
     env = {"TRADING_MODE": "sim", "TRADING_SIM_DATA": str(args.data.resolve()),
            "TRADING_SIM_DAYS": str(args.days or 3650)}
-    if args.from_ is not None:
-        env["TRADING_SIM_FROM"] = args.from_.isoformat()
-    if args.to is not None:
-        env["TRADING_SIM_TO"] = args.to.isoformat()
-    if args.symbols:
-        env["TRADING_SIM_SYMBOLS"] = args.symbols
+    env.update(_range_env(args))
     if args.model_dir is not None:
         env["TRADING_MODEL_DIR"] = str(args.model_dir.resolve())
     os.environ.update(env)
@@ -306,16 +308,10 @@ def _write_report(out: Path, runs: dict[str, Any], settings: Any) -> None:
 
 
 def _drop_namespace(rt: Any) -> None:
-    """Remove a finished backtest's keys from Redis (its outputs are on disk)."""
-    prefix = rt.keys.k("")
-    batch = []
-    for key in rt.redis.scan_iter(match=prefix + "*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            rt.redis.unlink(*batch)
-            batch = []
-    if batch:
-        rt.redis.unlink(*batch)
+    """Remove a finished run's keys from Redis (its outputs are on disk)."""
+    from core.runtime import drop_namespace
+
+    drop_namespace(rt.redis, rt.keys.k(""))
 
 
 def _status_runtime(run: str | None) -> Any:

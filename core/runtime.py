@@ -180,3 +180,20 @@ def build_runtime(settings: Settings) -> Runtime:
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
                    window=BarWindow(bar_store), breaker=breaker,
                    **_models_and_alerts(settings, redis, keys))
+
+
+def drop_namespace(redis: Redis, prefix: str) -> int:
+    """Remove every key under ``prefix`` (a finished simulated run's or backtest's; never
+    call it with the empty prefix of paper/live). Returns how many were removed."""
+    if not prefix:
+        raise ValueError("refusing to drop the live namespace")
+    removed = 0
+    batch: list[bytes] = []
+    for key in redis.scan_iter(match=prefix + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += int(redis.unlink(*batch))
+            batch = []
+    if batch:
+        removed += int(redis.unlink(*batch))
+    return removed

@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from core.market.feed import (
     MinuteAgg,
     StreamSession,
     StreamSink,
+    finite_number,
     to_ms,
 )
 
@@ -35,15 +35,6 @@ log = logging.getLogger(__name__)
 
 _SYMBOLS_PER_REQUEST = 100
 _EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        raise ValueError("not a number")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError("not finite")
-    return out
 
 
 def time_ms(value: Any) -> int:
@@ -65,8 +56,8 @@ def agg_from_bar(symbol: str, bar: Any) -> MinuteAgg:
         t, o, h, lo, c, v = (bar.get(k) for k in ("t", "o", "h", "l", "c", "v"))
     else:
         t, o, h, lo, c, v = (bar.timestamp, bar.open, bar.high, bar.low, bar.close, bar.volume)
-    return MinuteAgg(symbol, time_ms(t), _number(o), _number(h), _number(lo), _number(c),
-                     _number(v))
+    return MinuteAgg(symbol, time_ms(t), finite_number(o), finite_number(h),
+                     finite_number(lo), finite_number(c), finite_number(v))
 
 
 class AlpacaHistory:

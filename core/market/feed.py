@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import signal
@@ -109,6 +110,16 @@ def feed_status_key(keys: Keys) -> str:
 
 
 # --- value types -------------------------------------------------------------------------
+
+
+def finite_number(value: Any) -> float:
+    """A finite float from a vendor's JSON number; ValueError for bool, None, NaN or inf."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError("not a number")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError("not finite")
+    return out
 
 
 @dataclass(frozen=True)

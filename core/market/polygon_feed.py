@@ -22,7 +22,6 @@ import datetime as dt
 import inspect
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +35,7 @@ from core.market.feed import (
     StreamSession,
     StreamSink,
     backoff_delays,
+    finite_number,
     to_ms,
 )
 
@@ -49,21 +49,12 @@ _PAGE_LIMIT = 50_000
 # --- pure parsing ------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        raise ValueError("not a number")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError("not finite")
-    return out
-
-
 def agg_from_event(event: dict) -> MinuteAgg:
     """A stream ``AM`` event as a MinuteAgg; raises KeyError/ValueError/TypeError if unusable."""
     return MinuteAgg(
-        symbol=str(event["sym"]), start_ms=int(event["s"]), open=_number(event["o"]),
-        high=_number(event["h"]), low=_number(event["l"]), close=_number(event["c"]),
-        volume=_number(event["v"]),
+        symbol=str(event["sym"]), start_ms=int(event["s"]), open=finite_number(event["o"]),
+        high=finite_number(event["h"]), low=finite_number(event["l"]),
+        close=finite_number(event["c"]), volume=finite_number(event["v"]),
     )
 
 
@@ -76,8 +67,8 @@ def agg_from_rest(symbol: str, result: Any) -> MinuteAgg:
                              result.close, result.volume)
     if t is None:
         raise ValueError("aggregate without a timestamp")
-    return MinuteAgg(symbol, int(t), _number(o), _number(h), _number(lo), _number(c),
-                     _number(v))
+    return MinuteAgg(symbol, int(t), finite_number(o), finite_number(h),
+                     finite_number(lo), finite_number(c), finite_number(v))
 
 
 def parse_frame(raw: str | bytes) -> tuple[list[MinuteAgg], list[dict], int]:
