@@ -11,13 +11,8 @@ import pytest
 from alpaca.common.exceptions import APIError
 
 from core import execution
-from core.brokers.alpaca import (
-    AlpacaBroker,
-    fill_event_of,
-    harden_client,
-    intent_of,
-    map_status,
-)
+from core.brokers.alpaca import AlpacaBroker
+from core.brokers.alpaca_mapping import fill_event_of, harden_client, intent_of, map_status
 from core.brokers.base import OrderRequest
 from core.calendar import NY
 from core.config import load_settings
