@@ -30,11 +30,11 @@ from core.market.feed import (
     finite_number,
     to_ms,
 )
+from core.market.minutes import _EPOCH_UTC
 
 log = logging.getLogger(__name__)
 
 _SYMBOLS_PER_REQUEST = 100
-_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def time_ms(value: Any) -> int:
