@@ -15,9 +15,13 @@ What this adapter guarantees on top of alpaca-py:
   with status "rejected" and a clear ``status_reason`` (as the simulated broker does, so the
   execution layer releases the reservation); ``place_order`` raises them instead.
 
-Alpaca does not store our intent, strategy or reason: they are read back from the
-deterministic client_order_id (``orb-AAPL-20240603-0945-L`` entries, ``…-x1`` exits); any
-other id (an OTO stop leg, an order placed by hand) counts as an exit. A position's entry
+Alpaca does not store our intent, strategy or reason: intent and strategy are read back from
+the deterministic client_order_id (``orb-AAPL-20240603-0945-L`` entries, ``…-x1`` exits); any
+other id (an OTO stop leg, an order placed by hand) counts as an exit. An exit's reason
+(peak, trough, stop_loss, eod, flatten, ...) cannot go into its id (the same id must come
+out of every path that closes that position, so the broker refuses a second close), and an
+order has no free-text field: it is written to Redis by client_order_id (``ExitReasons``)
+just before the close is sent, and read back by ``trades``. A position's entry
 order is the latest filled entry of today with the position's side; a position without one
 (opened by hand or on an earlier day) gets ``session_date=""``, so the decision step closes
 it as stale.
@@ -48,6 +52,8 @@ from alpaca.trading.requests import (
     StopOrderRequest,
 )
 from pydantic import ValidationError
+from redis import Redis
+from redis.exceptions import RedisError
 
 from core.brokers.alpaca_mapping import (
     _FAILED,
@@ -84,6 +90,40 @@ from core.ratelimit import Kind, RedisTokenBucket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_REASON_TTL_S = 4 * 24 * 3600
+
+
+class ExitReasons:
+    """Why each exit order was sent, by its client_order_id, in Redis (Alpaca keeps no note
+    on an order). Best effort: a Redis failure is logged and never stops an exit."""
+
+    def __init__(self, redis: Redis, prefix: str = "") -> None:
+        self._r = redis
+        self._prefix = prefix
+
+    def _key(self, client_order_id: str) -> str:
+        return f"{self._prefix}alpaca:exit_reason:{client_order_id}"
+
+    def put(self, client_order_id: str, reason: str) -> None:
+        """Record the reason of the exit about to be sent with ``client_order_id``."""
+        try:
+            self._r.set(self._key(client_order_id), reason, ex=_REASON_TTL_S)
+        except RedisError as exc:
+            log.warning("exit reason not recorded: %s", exc,
+                        extra={"client_order_id": client_order_id, "reason": reason})
+
+    def get(self, client_order_ids: list[str]) -> dict[str, str]:
+        """The recorded reasons of these ids (ids without one are left out)."""
+        if not client_order_ids:
+            return {}
+        try:
+            raw = self._r.mget([self._key(c) for c in client_order_ids])
+        except RedisError as exc:
+            log.warning("exit reasons not read: %s", exc)
+            return {}
+        return {c: (v.decode() if isinstance(v, bytes) else str(v))
+                for c, v in zip(client_order_ids, raw, strict=True) if v is not None}
+
 
 # --- the adapter ------------------------------------------------------------------------------
 class AlpacaBroker:
@@ -94,7 +134,8 @@ class AlpacaBroker:
                  limiter: RedisTokenBucket | None = None, penalty_s: float = 2.0,
                  cancel_wait_s: float = 3.0, poll_s: float = 0.1,
                  client: TradingClient | None = None,
-                 now: Callable[[], dt.datetime] | None = None) -> None:
+                 now: Callable[[], dt.datetime] | None = None,
+                 reasons: ExitReasons | None = None) -> None:
         self.paper = paper
         self.timeout_s = timeout_s
         self._client = harden_client(
@@ -107,19 +148,28 @@ class AlpacaBroker:
         self._now = now or (lambda: dt.datetime.now(NY))
         self._clock: MarketClock | None = None
         self._assets: dict[str, tuple[float, Any]] = {}
+        self._reasons = reasons
 
     @classmethod
     def from_settings(cls, settings: Any, limiter: RedisTokenBucket | None = None,
-                      url_override: str | None = None) -> AlpacaBroker:
-        """The adapter for TRADING_MODE=paper|live (live only with mode == "live")."""
+                      url_override: str | None = None,
+                      redis: Redis | None = None) -> AlpacaBroker:
+        """The adapter for TRADING_MODE=paper|live (live only with mode == "live"). Exit
+        reasons are kept in ``redis`` (default: a client on ``settings.redis_url``)."""
         if settings.mode not in ("paper", "live"):
             raise ConfigError(f"AlpacaBroker needs TRADING_MODE paper or live, not {settings.mode}")
         if settings.alpaca_api_key is None or settings.alpaca_secret_key is None:
             raise ConfigError("TRADING_ALPACA_API_KEY and TRADING_ALPACA_SECRET_KEY are needed")
+        if redis is None:
+            from core.runtime import connect_redis
+
+            redis = connect_redis(settings.redis_url, str(settings.redis_ca_file)
+                                  if getattr(settings, "redis_ca_file", None) else None)
         return cls(settings.alpaca_api_key.get_secret_value(),
                    settings.alpaca_secret_key.get_secret_value(),
                    paper=settings.mode == "paper", url_override=url_override,
-                   timeout_s=settings.broker_timeout_s, limiter=limiter)
+                   timeout_s=settings.broker_timeout_s, limiter=limiter,
+                   reasons=ExitReasons(redis))
 
     @property
     def client(self) -> TradingClient:
@@ -234,6 +284,9 @@ class AlpacaBroker:
         OrderRejected, RateLimited, BrokerUnavailable)."""
         data = self._alpaca_request(request)
         kind: Kind = "exit" if request.intent == "exit" or request.close else "entry"
+        if kind == "exit" and request.reason and self._reasons is not None:
+            # before the send: an answer lost after Alpaca accepted must not lose the reason
+            self._reasons.put(request.client_order_id, request.reason)
         raw = self._call(kind, f"submit {request.client_order_id}",
                          self._client.submit_order, data)
         return _with_request(order_from_alpaca(raw), request)
@@ -355,9 +408,13 @@ class AlpacaBroker:
     def trades(self, day: dt.date | None = None) -> list[dict[str, object]]:
         """Round trips of the day (default today) in the simulated broker's trade format:
         each filled entry of ours paired with its filled exits (``<entry id>-x<n>`` and the
-        protective stop leg ``-s``). Exit reasons are not kept at Alpaca: "exit" (or
-        "broker_stop" for the stop leg). No fees (Alpaca charges no commission on equities)."""
+        protective stop leg ``-s``). The exit reason is the one recorded when the close was
+        sent (``ExitReasons``): "broker_stop" for a stop order, "exit" when none was recorded
+        (no store, or an exit sent by hand). No fees (Alpaca charges no commission on
+        equities)."""
         orders = self.all_orders(day)
+        reasons = self._reasons.get([o.client_order_id for o in orders if o.intent == "exit"
+                                     and o.filled_qty > 0]) if self._reasons else {}
         out: list[dict[str, object]] = []
         for entry in orders:
             if not (ENTRY_ID.match(entry.client_order_id) and entry.filled_qty > 0
@@ -379,7 +436,7 @@ class AlpacaBroker:
                     "entry_price": str(entry_px), "exit_time": x.filled_at or x.submitted_at,
                     "exit_price": str(exit_px),
                     "exit_reason": "broker_stop" if x.order_type in ("stop", "stop_limit")
-                    else "exit",
+                    else reasons.get(x.client_order_id, "exit"),
                     "gross_pnl_cents": gross, "fees_cents": 0, "pnl_cents": gross,
                     "strategy": entry.strategy, "confidence": entry.confidence})
         return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Any
 
 import pytest
 
@@ -15,30 +14,11 @@ from core.backtest import InlineDispatcher
 from core.config import Settings
 from core.decision import in_eod_window
 from core.market.synthetic import generate_days
-from core.models import CLOSE
-from core.runtime import build_runtime, replay_time
+from core.runtime import build_runtime
 from core.sim import prepare_replay
-from tests.fakes.alpaca_server import FakeAlpaca
+from tests.fakes.alpaca_server import FakeAlpaca, ReplayPrices
 
 pytestmark = pytest.mark.e2e
-
-
-class PricedDispatcher(InlineDispatcher):
-    """Inline steps; before each bar is decided the local server's prices move to that bar's
-    closes, so market and marketable limit orders fill where the simulated broker would."""
-
-    def __init__(self, rt: Any, fake: FakeAlpaca, days: dict[str, Any]) -> None:
-        super().__init__(rt)
-        self._fake = fake
-        self._days = days
-
-    def score(self, payload: dict[str, Any]) -> None:
-        day = self._days[str(payload["date"])]
-        row = day.ohlcv[int(payload["bar"]), :, CLOSE]
-        for sym, px in zip(day.symbols, row, strict=True):
-            if px == px and px > 0:
-                self._fake.set_price(sym, f"{px:.2f}")
-        super().score(payload)
 
 
 def test_a_replayed_day_in_paper_mode_against_a_local_alpaca(redis_client, redis_url) -> None:
@@ -52,9 +32,12 @@ def test_a_replayed_day_in_paper_mode_against_a_local_alpaca(redis_client, redis
                             alpaca_rate_burst=1000)  # a replay runs far faster than 1x
         rt = build_runtime(settings)
         assert type(rt.broker).__name__ == "AlpacaBroker" and rt.keys.prefix == ""
-        fake.now = lambda: replay_time(rt.replay)  # the server's clock follows the replay
+        # the server's clock and prices follow the replay: market and marketable limit
+        # orders fill at the close of the bar being decided
+        prices = ReplayPrices(rt.replay)
+        fake.now, fake.price_source = prices.now, prices
         prepare_replay(rt, settings, days)
-        dispatcher = PricedDispatcher(rt, fake, {d.date.isoformat(): d for d in days})
+        dispatcher = InlineDispatcher(rt)
         day = days[0]
         saw_positions = False
         while True:
@@ -92,4 +75,8 @@ def test_a_replayed_day_in_paper_mode_against_a_local_alpaca(redis_client, redis
             sign = 1 if t["side"] == "buy" else -1
             want = (Decimal(t["exit_price"]) - Decimal(t["entry_price"])) * t["qty"] * sign
             assert t["pnl_cents"] == round(want * 100) and t["fees_cents"] == 0
+        # the reason each close carried comes back with Alpaca's orders (kept by id in Redis)
+        reasons = {t["exit_reason"] for t in trades}
+        assert reasons and reasons <= {"peak", "trough", "ml_exit", "stop_loss", "take_profit",
+                                       "max_hold", "eod", "stale_position"}, reasons
         assert rt.broker.cash_cents() > 0

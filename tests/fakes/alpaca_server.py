@@ -7,7 +7,10 @@ REST (stdlib ``http.server``) speaks Alpaca's documented JSON for /v2/account, /
 ``{"code": ..., "message": ...}``.
 
 Programmable behaviour:
-- fills: ``fill_mode`` "immediate" (marketable orders fill at ``prices[symbol]``, IOC
+- prices: ``prices[symbol]`` (``set_price()``), or ``price_source(symbol)`` when set (a
+  callable, e.g. ``ReplayPrices``: the close of the replay's current bar, read from Redis,
+  for a server whose market follows a replay run by other processes); ``now`` is the clock;
+- fills: ``fill_mode`` "immediate" (marketable orders fill at the symbol's price, IOC
   remainders cancel), "partial" (``partial_qty`` shares fill now), "none" (orders rest);
   ``fill()``, ``cancel()``, ``expire()``, ``reject()`` move an order later; ``set_price()``
   triggers resting stops (OTO legs);
@@ -124,6 +127,9 @@ class FakeAlpaca:
         self.partial_qty: int | None = None
         self.market_open = True
         self.now: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC)
+        # symbol -> price (None: no price there, ``prices`` decides); resting stops trigger
+        # only on set_price()
+        self.price_source: Callable[[str], Decimal | None] | None = None
         self.events: list[dict[str, Any]] = []  # every trade update produced (sent or not)
         self._http: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -260,6 +266,10 @@ class FakeAlpaca:
         return self.assets[symbol]
 
     def _price(self, symbol: str) -> Decimal:
+        if self.price_source is not None:
+            px = self.price_source(symbol)
+            if px is not None:
+                return px
         return self.prices.get(symbol, Decimal("100"))
 
     def _stamp(self) -> str:
@@ -614,9 +624,44 @@ class FakeAlpaca:
         return 207, out
 
 
+class ReplayPrices:
+    """A ``price_source`` for FakeAlpaca: each symbol's close at the replay's current bar (the
+    last bar the replay clock published), read from Redis through a ``RedisReplay``, so the
+    server's market follows a replay that worker processes drive. Before the first bar, or
+    where the bar has no usable close, the last usable close seen (None before any)."""
+
+    def __init__(self, replay: Any) -> None:
+        self._replay = replay
+        self._at: tuple[dt.date, int] | None = None
+        self._last: dict[str, Decimal] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, symbol: str) -> Decimal | None:
+        from core.models import CLOSE
+
+        with self._lock:
+            meta, bar = self._replay.now()
+            if meta is not None and bar >= 0 and self._at != (meta.date, bar):
+                row = self._replay.row(meta, bar)
+                for sym, px in zip(meta.symbols, row[:, CLOSE], strict=True):
+                    if px == px and px > 0:  # NaN (a missing bar) or zero: keep the last
+                        self._last[sym] = Decimal(f"{px:.2f}")
+                self._at = (meta.date, bar)
+            return self._last.get(symbol)
+
+    def now(self) -> dt.datetime:
+        """The replay clock (for ``FakeAlpaca.now``): see ``core.runtime.replay_time``."""
+        from core.runtime import replay_time
+
+        return replay_time(self._replay)
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeAlpaca
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold the body ~40 ms, on every keep-alive request
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -11,7 +11,7 @@ import pytest
 from alpaca.common.exceptions import APIError
 
 from core import execution
-from core.brokers.alpaca import AlpacaBroker
+from core.brokers.alpaca import AlpacaBroker, ExitReasons
 from core.brokers.alpaca_mapping import fill_event_of, harden_client, intent_of, map_status
 from core.brokers.base import OrderRequest
 from core.calendar import NY
@@ -452,3 +452,51 @@ def test_realized_pnl_and_reconcile(broker, fake, redis_url):
     events = broker.expire_session_orders(today)
     assert [(e.client_order_id, e.status, e.notional_cents) for e in events] == [
         (coid(), "filled", 100_000)]
+
+
+# --- exit reasons -----------------------------------------------------------------------------
+def test_exit_reasons_come_back_in_the_trades(fake, limiter, redis_client):
+    def make(reasons: ExitReasons | None) -> AlpacaBroker:
+        return AlpacaBroker("test-key", "test-secret", url_override=fake.base_url,
+                            timeout_s=0.5, limiter=limiter, reasons=reasons)
+
+    sender = make(ExitReasons(redis_client))
+    for sym, side, minute in (("AAPL", "buy", 45), ("TSLA", "sell", 46), ("MSFT", "buy", 47)):
+        assert sender.submit_order(entry(sym, side, qty=2, limit="101" if side == "buy"
+                                          else "99", minute=minute)).status == "filled"
+    sender.close_position("AAPL", coid("AAPL", "L", 45) + "-x1", "peak")
+    sender.close_position("TSLA", coid("TSLA", "S", 46) + "-x1", "eod")
+    # a close whose answer is lost after Alpaca accepted it keeps its reason too
+    fake.delay(1.0, method="POST")
+    with pytest.raises(BrokerUnavailable):
+        sender.close_position("MSFT", coid("MSFT", "L", 47) + "-x1", "stop_loss")
+    wait_for(lambda: len(fake.orders) == 6, 5, "the close accepted at the broker")
+    # read back by another process (another adapter on the same Redis)
+    got = {t["symbol"]: t["exit_reason"] for t in make(ExitReasons(redis_client)).trades()}
+    assert got == {"AAPL": "peak", "TSLA": "eod", "MSFT": "stop_loss"}
+    assert redis_client.get("alpaca:exit_reason:" + coid("TSLA", "S", 46) + "-x1") == b"eod"
+    # without a store the reason is unknown: "exit"
+    assert {t["exit_reason"] for t in make(None).trades()} == {"exit"}
+
+
+def test_exit_goes_through_when_reasons_cannot_be_kept(fake, limiter):
+    from redis import Redis
+
+    dead = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)
+    broker = AlpacaBroker("test-key", "test-secret", url_override=fake.base_url,
+                          timeout_s=1.0, limiter=limiter, reasons=ExitReasons(dead))
+    broker.submit_order(entry("AAPL"))
+    closed = broker.close_position("AAPL", coid() + "-x1", "eod")
+    assert closed.status == "filled" and closed.reason == "eod"
+    assert broker.get_positions() == {}
+    assert [t["exit_reason"] for t in broker.trades()] == ["exit"]
+
+
+def test_from_settings_keeps_exit_reasons_in_redis(fake, redis_url, redis_client):
+    settings = load_settings(mode="paper", redis_url=redis_url, alpaca_api_key="test-key",
+                             alpaca_secret_key="test-secret")
+    broker = AlpacaBroker.from_settings(settings, url_override=fake.base_url)
+    broker.submit_order(entry("AAPL"))
+    broker.close_position("AAPL", coid() + "-x1", "trough")
+    assert [t["exit_reason"] for t in broker.trades()] == ["trough"]
+    assert redis_client.get("alpaca:exit_reason:" + coid() + "-x1") == b"trough"
