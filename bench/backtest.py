@@ -17,7 +17,10 @@ Every engine sees the same bars; the figure compared is symbol-bars per second.
   baseline pass the command always runs and the report; the main pass's own time is
   ``seconds`` in ``OUT/summary.json`` (with ``symbol_bars``).
 * ours, in-process: ``core.backtest.run_backtest`` over the generated days with
-  ``rt.models = None`` (rules only), in a fresh Redis namespace that is dropped afterwards.
+  ``rt.models = None`` (rules only), on the in-memory runtime the CLI uses
+  (``core.runtime.build_memory_runtime``); once as the CLI runs it (bars where nothing can
+  happen settled unscored, see ``core.backtest.BarPlanner``) and once scoring every bar, as
+  the cluster does; the two must give the same trades.
 * ours with the ML model: the same with the model registry given by ``--model-dir`` (skipped
   without it).
 * backtrader: one data feed per symbol (a pandas DataFrame of the sessions concatenated), a
@@ -29,12 +32,11 @@ Every engine sees the same bars; the figure compared is symbol-bars per second.
   separately.
 
 The rule sets differ: ours runs ORB + VWAP entries with the exits, sizing and the daily
-limit through the cluster's own code (Redis-backed broker, limit store and replay clock);
+limit through the cluster's own code (broker, limit store and replay clock, on the in-memory
+Redis stand-in);
 theirs a moving-average cross. The issue accepts that as "an equivalent simple rule".
 
-Redis: a private server on a free loopback port, like the other benchmarks; our runs use
-fresh ``sim:<run id>:``
-namespaces that are removed afterwards. Progress goes to stderr, the table to stdout.
+No Redis server: the backtester needs none. Progress goes to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -97,21 +99,13 @@ def say(text: str) -> None:
 # ---------------------------------------------------------------- ours
 
 
-def _drop_namespace(rt: Any) -> None:
-    """Remove a finished run's keys from Redis (its outputs are on disk)."""
-    from core.runtime import drop_namespace
-
-    drop_namespace(rt.redis, rt.keys.k(""))
-
-
-def ours_cli(data: Path, out: Path, url: str) -> tuple[Row, Row]:
+def ours_cli(data: Path, out: Path) -> tuple[Row, Row]:
     """``daytrader backtest --no-ml`` as a subprocess: (main pass, whole command)."""
     exe = Path(sys.executable).parent / "daytrader"
     cmd = [str(exe)] if exe.exists() else [shutil.which("daytrader") or "daytrader"]
     cmd += ["backtest", "--data", str(data), "--no-ml", "--out", str(out), "--quiet"]
-    env = {**os.environ, "TRADING_REDIS_URL": url}
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, check=False)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -125,19 +119,20 @@ def ours_cli(data: Path, out: Path, url: str) -> tuple[Row, Row]:
                 "+ start-up, random baseline pass, report"))
 
 
-def ours_inprocess(days: list[DayBars], url: str, model_dir: Path | None) -> Row:
-    """``core.backtest.run_backtest`` in this process; rules only when ``model_dir`` is None."""
+def ours_inprocess(days: list[DayBars], model_dir: Path | None,
+                   skip_idle: bool = True) -> tuple[Row, Any]:
+    """``core.backtest.run_backtest`` in this process on the in-memory runtime the CLI uses;
+    rules only when ``model_dir`` is None; ``skip_idle`` off scores every bar."""
     from core.backtest import run_backtest
     from core.config import load_settings
-    from core.runtime import build_runtime
+    from core.runtime import build_memory_runtime
 
-    run_id = f"bench-bt-{uuid.uuid4().hex[:10]}"
-    os.environ.update({"TRADING_MODE": "sim", "TRADING_SIM_RUN_ID": run_id,
-                       "TRADING_REDIS_URL": url})
+    os.environ.update({"TRADING_MODE": "sim",
+                       "TRADING_SIM_RUN_ID": f"bench-bt-{uuid.uuid4().hex[:10]}"})
     if model_dir is not None:
         os.environ["TRADING_MODEL_DIR"] = str(model_dir.resolve())
     settings = load_settings()
-    rt = build_runtime(settings)
+    rt = build_memory_runtime(settings)
     version = None
     if model_dir is None:
         rt.models = None
@@ -148,13 +143,15 @@ def ours_inprocess(days: list[DayBars], url: str, model_dir: Path | None) -> Row
         if predictor is None:
             raise RuntimeError(rt.models.problem or f"no current model in {model_dir}")
         version = predictor.version
-    try:
-        run = run_backtest(rt, settings, days)
-    finally:
-        _drop_namespace(rt)
+    run = run_backtest(rt, settings, days, skip_idle=skip_idle)
     name = "ours: in-process, rules" if model_dir is None else "ours: in-process, ML model"
-    note = f"{len(run.trades)} trades" + (f", model {version}" if version else "")
-    return Row(name, run.symbol_bars, run.seconds, note)
+    if not skip_idle:
+        name += ", every bar"
+    plans = run.plans
+    note = (f"{len(run.trades)} trades" + (f", model {version}" if version else "")
+            + f"; bars full/exits/idle {plans.get('full', 0)}/{plans.get('exits', 0)}/"
+              f"{plans.get('idle', 0)}")
+    return Row(name, run.symbol_bars, run.seconds, note), run
 
 
 # ---------------------------------------------------------------- theirs
@@ -295,43 +292,41 @@ def main() -> int:
     import backtesting
     import backtrader
 
-    from core.cluster import PrivateRedis
-
     dates = next_sessions(START, args.days)
     started = time.perf_counter()
     days = generate_days(dates, args.symbols, seed=args.seed)
     gen_s = time.perf_counter() - started
-    private = PrivateRedis.start()  # never the developer's Redis
-    url = private.url
     rows: list[Row] = []
     ml_skip = ""
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
-            data = Path(tmp) / "bars"
-            started = time.perf_counter()
-            write_bar_files(days, data)
-            write_s = time.perf_counter() - started
-            say(f"data: {len(days)} sessions {days[0].date}..{days[-1].date}, "
-                f"{args.symbols} symbols, generated in {gen_s:.1f} s, files written in "
-                f"{write_s:.1f} s")
-            say("ours: daytrader backtest --no-ml (subprocess) ...")
-            rows.extend(ours_cli(data, Path(tmp) / "out", url))
-        say("ours: run_backtest in-process, rules only ...")
-        rows.append(ours_inprocess(days, url, None))
-        if args.model_dir is not None:
-            say(f"ours: run_backtest in-process, model from {args.model_dir} ...")
-            try:
-                rows.append(ours_inprocess(days, url, args.model_dir))
-            except Exception as exc:  # report and go on with the other engines
-                ml_skip = f"failed: {exc}"
-        else:
-            ml_skip = "skipped (no --model-dir given)"
-        if ml_skip:
-            rows.append(Row("ours: in-process, ML model", None, None, ml_skip))
-            say(f"ours with the ML model: {ml_skip}")
-    finally:
-        if private is not None:
-            private.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
+        data = Path(tmp) / "bars"
+        started = time.perf_counter()
+        write_bar_files(days, data)
+        write_s = time.perf_counter() - started
+        say(f"data: {len(days)} sessions {days[0].date}..{days[-1].date}, "
+            f"{args.symbols} symbols, generated in {gen_s:.1f} s, files written in "
+            f"{write_s:.1f} s")
+        say("ours: daytrader backtest --no-ml (subprocess) ...")
+        rows.extend(ours_cli(data, Path(tmp) / "out"))
+    say("ours: run_backtest in-process, rules only ...")
+    fast, fast_run = ours_inprocess(days, None)
+    rows.append(fast)
+    say("ours: run_backtest in-process, rules only, every bar scored ...")
+    slow, slow_run = ours_inprocess(days, None, skip_idle=False)
+    rows.append(slow)
+    if fast_run.trades != slow_run.trades:
+        raise RuntimeError("skipping idle bars changed the trades")
+    if args.model_dir is not None:
+        say(f"ours: run_backtest in-process, model from {args.model_dir} ...")
+        try:
+            rows.append(ours_inprocess(days, args.model_dir)[0])
+        except Exception as exc:  # report and go on with the other engines
+            ml_skip = f"failed: {exc}"
+    else:
+        ml_skip = "skipped (no --model-dir given)"
+    if ml_skip:
+        rows.append(Row("ours: in-process, ML model", None, None, ml_skip))
+        say(f"ours with the ML model: {ml_skip}")
     say("backtrader ...")
     bt_row = run_backtrader(days, args.fast, args.slow)
     say("backtesting.py ...")
@@ -349,7 +344,8 @@ def main() -> int:
     print(table(rows, bt_row.rate, btp_row.rate))
     print()
     print(f"Rule sets differ: ours runs ORB + VWAP entries with the exits, sizing and the daily "
-          f"limit through the\ncluster's code (Redis-backed broker, limit store, replay clock); "
+          f"limit through the\ncluster's code (broker, limit store, replay clock on the in-memory "
+          f"Redis stand-in); "
           f"backtrader and backtesting.py run a\n{args.fast}/{args.slow} moving-average cross, "
           f"long only, {FIXED_SIZE} shares - the issue's \"equivalent simple rule\".")
     print()

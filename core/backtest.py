@@ -13,26 +13,45 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from core import engine, execution
+from core.brokers.base import Position
 from core.config import Settings
 from core.decision import in_eod_window
-from core.models import DayBars
+from core.exits import exit_codes
+from core.models import CLOSE, DayBars
 from core.runtime import Runtime
+from core.scoring import bar_problems, entry_bar_of
+from core.signals.candidates import signal_candidates
 
 log = logging.getLogger(__name__)
 
 
 class InlineDispatcher:
-    """Runs each next step at once, in this process, in the order the queues would."""
+    """Runs each next step at once, in this process, in the order the queues would.
 
-    def __init__(self, rt: Runtime) -> None:
+    With a ``BarPlanner`` (the backtester), a bar whose decision provably sends nothing is
+    settled without scoring, and a bar that can open nothing is scored for exits only (see
+    ``BarPlanner``). Without one every bar is scored, as in the cluster.
+    """
+
+    def __init__(self, rt: Runtime, planner: BarPlanner | None = None) -> None:
         self._rt = rt
+        self._planner = planner
+        self.plans = {"full": 0, "exits": 0, "idle": 0}
 
     def score(self, payload: dict[str, Any]) -> None:
-        result = engine.compute_scores(self._rt, payload)
+        plan = "full" if self._planner is None else self._planner.plan(payload)
+        self.plans[plan] += 1
+        if plan == "idle":
+            self._rt.replay.settle(dt.date.fromisoformat(str(payload["date"])),
+                                   int(payload["bar"]))
+            return
+        result = engine.compute_scores(self._rt, payload, entries=plan == "full")
         engine.decide_bar(self._rt, self, result)
 
     def submit_order(self, intent: dict[str, Any]) -> None:
@@ -40,6 +59,197 @@ class InlineDispatcher:
 
     def close_position(self, intent: dict[str, Any]) -> None:
         execution.close_position(self._rt, intent)
+
+
+class BarPlanner:
+    """Which bars of a backtest need scoring, decided only from what ``decide`` checks.
+
+    * 'full': an entry may be sized at this bar (or it is the session's first decision,
+      which reconciles).
+    * 'exits': nothing can be opened (the no-entry window has begun, the position cap is
+      reached, or what is left of the daily limit cannot buy one share at the bar's lowest
+      close), but an order is working, a position is from an earlier session, the end-of-day
+      window is on, an exit model is loaded, or a held position's exit rules may fire: the
+      rule exits computed over the whole session for that position (``exit_codes``, exact
+      row by row) or the stop-loss with a 1e-9 margin for the decision's Decimal check.
+    * 'idle': none of those. The bar settles unscored; the daily loss limit is still
+      checked on the held positions' marks, exactly as the decision would.
+
+    So a backtest's trades are those of scoring every bar; the parity tests compare a
+    backtest with a cluster run, which scores every bar. Prices US dollars, money cents.
+    """
+
+    def __init__(self, rt: Runtime, days: list[DayBars]) -> None:
+        self._rt = rt
+        self._days = {d.date.isoformat(): d for d in days}
+        self._cheapest = {d.date.isoformat(): cheapest_closes(d) for d in days}
+        # bars where some rule may signal (a superset; see core.signals.candidates)
+        self._signals = {d.date.isoformat(): signal_candidates(
+            d.ohlcv, d.date, rt.scoring_params(d.bar_seconds)) for d in days}
+        self._index = {d.date.isoformat(): {s: i for i, s in enumerate(d.symbols)}
+                       for d in days}
+        self._candidates: dict[tuple[str, str, str, int, str], np.ndarray] = {}
+        self._p = rt.decision_params
+        self._eod = {}  # date -> (no-entry window from bar, EOD window from bar)
+        for d in days:
+            decided = [d.bar_time(b) + dt.timedelta(seconds=d.bar_seconds)
+                       for b in range(d.n_bars)]
+            no_entry = max(self._p.no_entry_minutes_before_close,
+                           self._p.eod_close_minutes_before)
+            self._eod[d.date.isoformat()] = (
+                next((b for b, t in enumerate(decided)
+                      if in_eod_window(t, d.close_time, no_entry)), d.n_bars),
+                next((b for b, t in enumerate(decided)
+                      if in_eod_window(t, d.close_time, self._p.eod_close_minutes_before)),
+                     d.n_bars))
+        self._idle: tuple[str, int, dict[str, Position]] | None = None
+
+    def plan(self, payload: dict[str, Any]) -> str:
+        """'full', 'exits' or 'idle' for the bar in ``payload`` (the tick's message)."""
+        rt = self._rt
+        date = str(payload["date"])
+        day = dt.date.fromisoformat(date)
+        bar = int(payload["bar"])
+        self._idle = None
+        data = self._days.get(date)
+        if data is None or not 0 <= bar < data.n_bars:
+            return "full"
+        if not rt.redis.exists(rt.keys.reconciled(day)):
+            return "full"  # the session's first decision reconciles first
+        positions, orders = rt.broker.snapshot()
+        if self._can_enter(date, day, bar, positions, orders):
+            return "full"
+        if orders:
+            return "exits"
+        if positions:
+            if bar >= self._eod[date][1] or self._model_loaded():
+                return "exits"
+            for pos in positions.values():
+                if pos.session_date != date or self._may_exit(data, pos, bar):
+                    return "exits"
+            self._check_loss_limit(data, day, bar, positions)
+        self._idle = (date, bar, positions)
+        return "idle"
+
+    def idle_run(self, date: str, bar: int) -> int:
+        """How many bars after ``bar`` (which ``plan`` just found idle) are idle too, with
+        nothing to change in between: no order, no position stop at the broker, no entry
+        possible, no exit candidate, the loss limit out of reach, before the EOD window."""
+        if self._idle is None or self._idle[:2] != (date, bar):
+            return 0
+        positions = self._idle[2]
+        rt = self._rt
+        data = self._days[date]
+        day = data.date
+        if positions and rt.settings.protective_stop:
+            return 0  # a resting stop can fill on any bar
+        end = self._eod[date][1]  # the EOD task acts from here: bar by bar again
+        if bar + 1 >= end:
+            return 0
+        rows = slice(bar + 1, end)
+        p = self._p
+        if len(positions) < p.limits.max_open_positions and bar + 1 < self._eod[date][0]:
+            remaining = p.limits.daily_limit_cents - rt.limits.used(day)
+            if remaining > 0:
+                stop = self._eod[date][0]
+                can = self._signals[date][bar + 1:stop] & (
+                    remaining + 1 >= (self._cheapest[date][bar + 1:stop] - 0.0001) * 100)
+                hit = np.flatnonzero(can)
+                if hit.size:
+                    end = min(end, bar + 1 + int(hit[0]))
+        if positions:
+            busy = np.zeros(data.n_bars, dtype=bool)
+            for pos in positions.values():
+                busy |= self._candidates_of(data, pos)
+            busy |= self._loss_reachable(data, day, positions)
+            hit = np.flatnonzero(busy[rows])
+            if hit.size:
+                end = min(end, bar + 1 + int(hit[0]))
+        return max(end - (bar + 1), 0)
+
+    def _model_loaded(self) -> bool:
+        models = self._rt.models
+        return models is not None and models.get() is not None
+
+    def _can_enter(self, date: str, day: dt.date, bar: int, positions: dict[str, Position],
+                   orders: list[Any]) -> bool:
+        """False only when ``decide`` cannot size any entry at this bar."""
+        p = self._p
+        if bar >= self._eod[date][0] or not self._signals[date][bar]:
+            return False  # the no-entry window, or no rule can signal at this bar
+        if len(set(positions) | {o.symbol for o in orders}) >= p.limits.max_open_positions:
+            return False
+        remaining = p.limits.daily_limit_cents - self._rt.limits.used(day)
+        # an entry's price is its close rounded to 1/100 cent, and the size cap divides the
+        # remaining cents by at least that price: below one share of the cheapest, qty is 0
+        return remaining > 0 and remaining + 1 >= (float(self._cheapest[date][bar]) - 0.0001) * 100
+
+    def _loss_reachable(self, data: DayBars, day: dt.date,
+                        positions: dict[str, Position]) -> np.ndarray:
+        """Per bar: True where the daily loss limit might be reached (a lower bound of
+        realized + unrealized P/L at or below the limit); all False once a halt is on."""
+        rt = self._rt
+        if rt.redis.exists(rt.keys.halt(), rt.keys.loss_halt(day)):
+            return np.zeros(data.n_bars, dtype=bool)
+        low = np.full(data.n_bars, float(rt.broker.realized_pnl_cents(day) - len(positions) - 1))
+        index = self._index[data.date.isoformat()]
+        for pos in positions.values():
+            i = index.get(pos.symbol)
+            if i is None:
+                continue
+            with np.errstate(invalid="ignore"):
+                term = (data.ohlcv[:, i, CLOSE] - float(pos.avg_price)) * pos.qty * 100
+            low += np.minimum(np.nan_to_num(term, nan=0.0, posinf=0.0, neginf=-np.inf), 0.0)
+        return low <= -rt.settings.daily_loss_limit_cents + 1
+
+    def _may_exit(self, data: DayBars, pos: Position, bar: int) -> bool:
+        """May the scoring or the decision close ``pos`` at ``bar``? (never a false no)"""
+        return bool(self._candidates_of(data, pos)[bar])
+
+    def _candidates_of(self, data: DayBars, pos: Position) -> np.ndarray:
+        key = (data.date.isoformat(), pos.entry_client_order_id, pos.avg_price,
+               1 if pos.qty > 0 else -1, pos.opened_at)
+        cand = self._candidates.get(key)
+        if cand is None:
+            cand = self._candidates[key] = self._exit_candidates(data, pos)
+        return cand
+
+    def _exit_candidates(self, data: DayBars, pos: Position) -> np.ndarray:
+        """Per bar of the session: True where an exit of ``pos`` may fire."""
+        i = self._index[data.date.isoformat()].get(pos.symbol)
+        entry = entry_bar_of(pos, data.open_time, data.bar_seconds, data.n_bars - 1)
+        if i is None or entry is None:
+            return np.ones(data.n_bars, dtype=bool)
+        params = self._rt.scoring_params(data.bar_seconds).exits
+        close = data.ohlcv[:, i:i + 1, CLOSE]
+        direction = 1 if pos.qty > 0 else -1
+        avg = float(pos.avg_price)
+        codes = exit_codes(close, np.asarray([entry]), np.asarray([direction]),
+                           np.asarray([avg]), params, None, np, last_only=False)[:, 0]
+        c = close[:, 0]
+        sl = self._rt.settings.stop_loss_pct
+        with np.errstate(invalid="ignore"):
+            if direction > 0:
+                stop = c <= avg * (1 - sl) * (1 + 1e-9)
+            else:
+                stop = c >= avg * (1 + sl) * (1 - 1e-9)
+        return (codes != 0) | stop
+
+    def _check_loss_limit(self, data: DayBars, day: dt.date, bar: int,
+                          positions: dict[str, Position]) -> None:
+        """The decision's daily-loss check on the held positions' marks at ``bar`` (which it
+        skips while the kill switch or the day's loss halt is already on)."""
+        rt = self._rt
+        if rt.redis.exists(rt.keys.halt(), rt.keys.loss_halt(day)):
+            return
+        index = self._index[data.date.isoformat()]
+        held = sorted(s for s in positions if s in index)
+        row = data.ohlcv[bar, [index[s] for s in held]]
+        bad = {s for s, why in bar_problems(row, tuple(held)).items()
+               if why.startswith("inconsistent")}
+        marks = {s: float(row[j, CLOSE]) for j, s in enumerate(held)
+                 if s not in bad and np.isfinite(row[j, CLOSE]) and row[j, CLOSE] > 0}
+        engine.loss_limit_hit(self._rt, day, positions, marks)
 
 
 @dataclass
@@ -52,16 +262,23 @@ class BacktestRun:
     bars: int
     symbol_bars: int
     seconds: float
+    # bars scored in full / for exits only / settled unscored (see BarPlanner)
+    plans: dict[str, int] = field(default_factory=dict)
 
 
 def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
-                 progress: Callable[[int, int, str], None] | None = None) -> BacktestRun:
-    """Replay ``days`` through the engine inline; ``rt`` must use a fresh run namespace."""
+                 progress: Callable[[int, int, str], None] | None = None,
+                 skip_idle: bool = True) -> BacktestRun:
+    """Replay ``days`` through the engine inline; ``rt`` must use a fresh run namespace.
+
+    ``skip_idle`` settles bars whose decision provably sends nothing without scoring them
+    (see ``InlineDispatcher``); off, every bar is scored as in the cluster."""
     from core.sim import prepare_replay
 
     started = time.perf_counter()
     prepare_replay(rt, settings, days)
-    dispatcher = InlineDispatcher(rt)
+    planner = BarPlanner(rt, days) if skip_idle else None
+    dispatcher = InlineDispatcher(rt, planner)
     total = len(days)
     by_date = {d.date.isoformat(): i for i, d in enumerate(days)}
     eod_minutes = settings.eod_close_minutes_before
@@ -79,6 +296,12 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
             if in_eod_window(decided, day.close_time, eod_minutes):
                 # beat fires the EOD task between ticks; it acts only inside the EOD window
                 execution.eod_close(rt)
+            elif planner is not None:
+                skip = planner.idle_run(result["date"], int(result["bar"]))
+                if skip:
+                    rt.replay.fast_forward(int(result["bar"]) + skip)
+                    bars += skip
+                    dispatcher.plans["idle"] += skip
         elif status in ("waiting", "redispatched", "stale", "empty"):
             # inline every step finishes before the next tick: this cannot happen
             raise RuntimeError(f"backtest stuck: {result}")
@@ -91,7 +314,18 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
     n_symbols = len(days[0].symbols) if days else 0
     return BacktestRun(trades=rt.broker.trades(), day_stats=rt.replay.day_stats(),
                        order_log=rt.broker.order_log(), bars=bars,
-                       symbol_bars=bars * n_symbols, seconds=time.perf_counter() - started)
+                       symbol_bars=bars * n_symbols, seconds=time.perf_counter() - started,
+                       plans=dict(dispatcher.plans))
+
+
+def cheapest_closes(day: DayBars) -> np.ndarray:
+    """Per bar, the lowest usable close over the universe (US dollars; inf when none)."""
+    close = day.ohlcv[:, :, CLOSE]
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(close) & (close > 0)
+    if close.shape[1] == 0:
+        return np.full(close.shape[0], np.inf)
+    return np.where(usable, close, np.inf).min(axis=1)
 
 
 def progress_line(done: int, total: int, label: str) -> None:

@@ -201,7 +201,6 @@ def run_sim(args: argparse.Namespace) -> int:
 def run_backtest_cmd(args: argparse.Namespace) -> int:
     """Backtest bar files through the cluster's own steps and write the outputs."""
     from core.backtest import progress_line
-    from core.cluster import ensure_redis
     from core.config import load_settings
     from core.report import summarize, write_outputs
     from core.sim import load_sim_days
@@ -221,41 +220,36 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
     settings = load_settings()
     days = load_sim_days(settings)
     _print_coverage(days)
-    url, private = ensure_redis(settings.redis_url)
+    # the backtest runs in this process on an in-memory stand-in for Redis: no server
     run_id = f"bt-{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    os.environ["TRADING_REDIS_URL"] = url
-    settings = load_settings().model_copy(update={"sim_run_id": run_id})
+    settings = settings.model_copy(update={"sim_run_id": run_id})
     print(f"daytrader backtest: {len(days)} day(s) {days[0].date}..{days[-1].date}, "
           f"{len(days[0].symbols)} symbols, {days[0].bar_seconds // 60}-minute bars, "
           f"{'rules only' if args.no_ml else f'models from {settings.model_dir}'}",
           file=sys.stderr)
-    try:
-        main, used_model = _backtest_pass(settings, days, args.no_ml,
-                                          None if args.quiet else progress_line)
-        summary = summarize(
-            main.trades, main.day_stats, main.order_log, settings.daily_limit_cents,
-            extra={"mode": "backtest", "run_id": run_id, "completed": True,
-                   "source": str(settings.sim_data), "symbols": len(days[0].symbols),
-                   "bar_seconds": days[0].bar_seconds, "model_version": used_model,
-                   "symbol_bars": main.symbol_bars, "seconds": round(main.seconds, 3)})
-        # baselines with the same sizing and exits: without the model, and random entries
-        runs = {"strategy" + (f" + model {used_model}" if used_model else ""): main}
-        if used_model:
-            runs["rules only"], _ = _backtest_pass(
-                settings.model_copy(update={"sim_run_id": run_id + "-rules"}), days, True)
-        runs["random entries"], _ = _backtest_pass(
-            settings.model_copy(update={"sim_run_id": run_id + "-random",
-                                        "strategies": ("random",)}), days, True)
-        summary["stats"] = _stats(main, settings)
-        summary["baselines"] = {name: _stats(run, settings)
-                                for name, run in list(runs.items())[1:]}
-        write_outputs(args.out, summary, main.trades)
-        _write_report(args.out, runs, settings)
-        _print_summary(summary, args.out)
-        return 0
-    finally:
-        if private is not None:
-            private.stop()
+    main, used_model = _backtest_pass(settings, days, args.no_ml,
+                                      None if args.quiet else progress_line)
+    summary = summarize(
+        main.trades, main.day_stats, main.order_log, settings.daily_limit_cents,
+        extra={"mode": "backtest", "run_id": run_id, "completed": True,
+               "source": str(settings.sim_data), "symbols": len(days[0].symbols),
+               "bar_seconds": days[0].bar_seconds, "model_version": used_model,
+               "symbol_bars": main.symbol_bars, "seconds": round(main.seconds, 3)})
+    # baselines with the same sizing and exits: without the model, and random entries
+    runs = {"strategy" + (f" + model {used_model}" if used_model else ""): main}
+    if used_model:
+        runs["rules only"], _ = _backtest_pass(
+            settings.model_copy(update={"sim_run_id": run_id + "-rules"}), days, True)
+    runs["random entries"], _ = _backtest_pass(
+        settings.model_copy(update={"sim_run_id": run_id + "-random",
+                                    "strategies": ("random",)}), days, True)
+    summary["stats"] = _stats(main, settings)
+    summary["baselines"] = {name: _stats(run, settings)
+                            for name, run in list(runs.items())[1:]}
+    write_outputs(args.out, summary, main.trades)
+    _write_report(args.out, runs, settings)
+    _print_summary(summary, args.out)
+    return 0
 
 
 def _print_coverage(days: list[Any]) -> None:
@@ -272,12 +266,12 @@ def _print_coverage(days: list[Any]) -> None:
 
 def _backtest_pass(settings: Any, days: list[Any], no_ml: bool,
                    progress: Any = None) -> tuple[Any, str | None]:
-    """One backtest over ``days`` in its own Redis namespace (dropped afterwards); returns
-    the run and the model version it used (None: rules only)."""
+    """One backtest over ``days`` on its own in-memory runtime; returns the run and the
+    model version it used (None: rules only)."""
     from core.backtest import run_backtest
-    from core.runtime import build_runtime
+    from core.runtime import build_memory_runtime
 
-    rt = build_runtime(settings)
+    rt = build_memory_runtime(settings)
     if no_ml:
         rt.models = None
     used = None
@@ -286,10 +280,7 @@ def _backtest_pass(settings: Any, days: list[Any], no_ml: bool,
         if rt.models.problem:
             raise ConfigError(f"cannot backtest with the model: {rt.models.problem}")
         used = predictor.version if predictor is not None else None
-    try:
-        return run_backtest(rt, settings, days, progress), used
-    finally:
-        _drop_namespace(rt)
+    return run_backtest(rt, settings, days, progress), used
 
 
 def _stats(run: Any, settings: Any) -> dict[str, Any]:

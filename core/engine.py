@@ -145,9 +145,10 @@ def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
             "t": [payload.get("t0"), round(started, 6), round(time.time(), 6)]}
 
 
-def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
+def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -> dict[str, Any]:
     """Signals, marks (this bar's close of every symbol that has a usable one) and the exits
-    of held positions, as JSON data.
+    of held positions, as JSON data. ``entries=False`` (the backtester, on a bar where the
+    decision can open nothing) leaves the rule strategies and the entry model out.
 
     With a current model, the entry model's probability becomes each signal's confidence and
     signals below ``ML_ENTRY_THRESHOLD`` are dropped, and the exit model scores the held
@@ -161,9 +162,11 @@ def compute_scores(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     predictor = rt.models.get() if rt.models is not None else None
     problem = rt.models.problem if rt.models is not None else None
     exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
+    params = rt.scoring_params(meta.bar_seconds)
+    if not entries:
+        params = dataclasses.replace(params, strategies=())
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
-                       rt.scoring_params(meta.bar_seconds), exit_model=exit_fn,
-                       tracker=rt.extremes)
+                       params, exit_model=exit_fn, tracker=rt.extremes)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
     signals = scored.signals
@@ -255,7 +258,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     if stale_raw:  # stale market data blocks new entries for those symbols
         stale = {x.decode() for x in stale_raw}
         signals = [s for s in signals if s.symbol not in stale]
-    halted = bool(halted) or bool(loss_halted) or _loss_limit_hit(rt, day, positions, marks)
+    halted = bool(halted) or bool(loss_halted) or loss_limit_hit(rt, day, positions, marks)
     inp = DecisionInput(
         session_date=day, bar=bar,
         decision_time=meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds),
@@ -281,7 +284,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
             "orders": len(intents)}
 
 
-def _loss_limit_hit(rt: Runtime, day: dt.date, positions: dict[str, Any],
+def loss_limit_hit(rt: Runtime, day: dt.date, positions: dict[str, Any],
                     marks: dict[str, float]) -> bool:
     """True (and halts entries for the day) once realized + unrealized P/L <= -limit."""
     if not positions and rt.settings.daily_loss_limit_cents <= 0:

@@ -199,6 +199,24 @@ class RedisReplay:
         row = rows_from_bytes(res[1], len(meta.symbols))[0]
         return Advance("advanced", meta, nxt, row)
 
+    def fast_forward(self, to_bar: int) -> None:
+        """Publish and settle every bar of the current session up to ``to_bar`` at once.
+
+        For the single-process backtester only, when it has shown that nothing happens on
+        those bars (no order, nothing to decide): not atomic against other processes."""
+        st = self.state()
+        meta = self.days()[st.day]
+        if st.settled != st.bar or not st.bar < to_bar < meta.n_bars:
+            raise ValueError(f"cannot fast-forward from bar {st.bar} (settled {st.settled}) "
+                             f"to {to_bar}")
+        rb = meta.row_bytes
+        rows = self._r.getrange(self._k.replay_data(meta.date), (st.bar + 1) * rb,
+                                (to_bar + 1) * rb - 1)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.append(self._k.bars(meta.date), rows)
+        pipe.hset(self._k.replay_state(), mapping={"bar": to_bar, "settled": to_bar})
+        pipe.execute()
+
     def row(self, meta: SessionMeta, bar: int) -> np.ndarray:
         """Bar ``bar`` of a replay day as ``[S, 5]``."""
         raw = self._r.getrange(self._k.replay_data(meta.date), bar * meta.row_bytes,

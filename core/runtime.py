@@ -114,7 +114,7 @@ def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: Red
     limiter = RedisTokenBucket(redis, keys.k("ratelimit:alpaca"), BucketConfig(
         capacity=settings.alpaca_rate_burst, refill_per_s=settings.alpaca_rate_per_minute / 60,
         exit_reserve=settings.alpaca_exit_reserve))
-    broker = AlpacaBroker.from_settings(settings, limiter=limiter,
+    broker = AlpacaBroker.from_settings(settings, limiter=limiter, redis=redis,
                                         url_override=settings.alpaca_base_url)
     if settings.clock == "replay":
         broker._now = functools.partial(replay_time, replay)
@@ -161,10 +161,7 @@ def build_runtime(settings: Settings) -> Runtime:
     replay = RedisReplay(redis, keys, bar_store)
     if settings.mode != "sim":
         return _alpaca_runtime(settings, redis, keys, bar_store, replay)
-    model = FillModel(slippage_bps=settings.sim_slippage_bps,
-                      fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
-                      latency_bars=settings.sim_latency_bars,
-                      max_participation=settings.sim_max_participation)
+    model = _fill_model(settings)
     starting = int(settings.sim_starting_cash * 100)
     broker = SimulatedBroker(redis, keys, replay, model, starting_cash_cents=starting,
                              margin_multiplier=settings.sim_margin_multiplier,
@@ -180,6 +177,59 @@ def build_runtime(settings: Settings) -> Runtime:
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
                    window=BarWindow(bar_store), breaker=breaker,
                    **_models_and_alerts(settings, redis, keys))
+
+
+class QuietBreaker:
+    """The circuit breaker of a backtest: the in-process simulated broker has no transport to
+    fail, so it never trips; a failure reported anyway stops the backtest loudly."""
+
+    clean = True
+
+    def allow(self) -> bool:
+        return True
+
+    def record_success(self) -> str:
+        return "closed"
+
+    def record_failure(self) -> str:
+        raise RuntimeError("broker failure in a backtest: the simulated broker cannot fail")
+
+
+def build_memory_runtime(settings: Settings) -> Runtime:
+    """The simulated-mode runtime on an in-process Redis stand-in (``core.memredis``): the
+    same replay clock, broker, daily-limit store and engine as the cluster, no server and no
+    round trips. For the single-process backtester; refuses injected broker faults."""
+    from core.memredis import MemoryRedis
+
+    if settings.mode != "sim":
+        raise ValueError("the in-memory runtime is for simulated mode only")
+    if parse_faults(settings.sim_faults):
+        raise ValueError("TRADING_SIM_FAULTS is not supported by the backtester")
+    redis = MemoryRedis()
+    keys = Keys.for_mode(settings.mode, settings.sim_run_id)
+    bar_store = RedisBarStore(redis, keys)  # type: ignore[arg-type]
+    replay = RedisReplay(redis, keys, bar_store)  # type: ignore[arg-type]
+    broker = SimulatedBroker(redis, keys, replay, _fill_model(settings),  # type: ignore[arg-type]
+                             starting_cash_cents=int(settings.sim_starting_cash * 100),
+                             margin_multiplier=settings.sim_margin_multiplier,
+                             hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()),
+                             protective_stops=settings.protective_stop)
+    models = _models_and_alerts(settings, redis, keys)  # type: ignore[arg-type]
+    models["alerts"] = None  # a backtest pages nobody
+    return Runtime(settings=settings, redis=redis, keys=keys,  # type: ignore[arg-type]
+                   bar_store=bar_store, replay=replay, broker=broker,
+                   limits=RedisDailyLimitStore(redis, keys),  # type: ignore[arg-type]
+                   window=BarWindow(bar_store),
+                   breaker=QuietBreaker(),  # type: ignore[arg-type]
+                   **models)
+
+
+def _fill_model(settings: Settings) -> FillModel:
+    """The simulated market's costs and delays from the ``TRADING_SIM_*`` settings."""
+    return FillModel(slippage_bps=settings.sim_slippage_bps,
+                     fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
+                     latency_bars=settings.sim_latency_bars,
+                     max_participation=settings.sim_max_participation)
 
 
 def drop_namespace(redis: Redis, prefix: str) -> int:

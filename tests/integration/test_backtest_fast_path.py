@@ -1,0 +1,71 @@
+"""The backtester's fast path (in-memory Redis stand-in, idle bars settled unscored) gives
+exactly the trades, orders and day figures of the cluster's path on a real Redis that
+scores every bar."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.backtest import run_backtest
+from core.calendar import next_sessions
+from core.config import Settings
+from core.market.synthetic import generate_days
+from core.models import DayBars
+from core.runtime import build_memory_runtime, build_runtime
+
+
+def _both(days: list[DayBars], redis_url: str, **overrides: Any) -> tuple[Any, Any]:
+    base = {"mode": "sim", "redis_url": redis_url, "model_dir": "/nonexistent", **overrides}
+    slow_settings = Settings(sim_run_id=f"slow-{uuid.uuid4().hex[:8]}", **base)
+    slow_rt = build_runtime(slow_settings)
+    slow = run_backtest(slow_rt, slow_settings, days, skip_idle=False)
+    fast_settings = Settings(sim_run_id=f"fast-{uuid.uuid4().hex[:8]}", **base)
+    fast = run_backtest(build_memory_runtime(fast_settings), fast_settings, days)
+    return slow, fast
+
+
+def _same(slow: Any, fast: Any) -> None:
+    assert fast.trades == slow.trades
+    assert fast.order_log == slow.order_log
+    assert fast.day_stats == slow.day_stats
+    assert fast.symbol_bars == slow.symbol_bars
+
+
+CASES = {
+    "defaults": {},
+    "partial fills, kept entries, protective stops, take-profit, max hold": {
+        "sim_max_participation": 0.002, "partial_fill_policy": "keep", "protective_stop": True,
+        "take_profit_pct": 0.004, "max_holding_minutes": 30},
+    "random entries, 3-bar latency, 3 positions": {
+        "strategies": ("random",), "sim_latency_bars": 3, "max_open_positions": 3},
+    "a large limit and a small loss limit": {
+        "daily_position_limit": 100000, "daily_loss_limit": 30,
+        "sim_max_participation": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_path_equals_the_cluster_path(name: str, redis_client: Any,
+                                           redis_url: str) -> None:
+    days = generate_days(next_sessions(dt.date(2025, 11, 3), 2), [f"S{i:02d}" for i in range(30)],
+                         seed=7)
+    slow, fast = _both(days, redis_url, **CASES[name])
+    assert slow.trades, "the case must trade to mean anything"
+    _same(slow, fast)
+    assert slow.plans["idle"] == 0 and slow.plans["full"] == slow.bars
+    assert fast.plans["idle"] > 0  # the fast path did skip bars
+
+
+def test_fast_path_equals_the_cluster_path_on_real_bars(shared_bars: Path, redis_client: Any,
+                                                        redis_url: str) -> None:
+    from core.market.files import load_days
+
+    days = load_days(shared_bars, None, None, None)[:3]
+    slow, fast = _both(days, redis_url, take_profit_pct=0.004)
+    assert slow.trades
+    _same(slow, fast)
