@@ -25,6 +25,17 @@ def _xnys():
     return xcals.get_calendar("XNYS", start=_CAL_START, end=_CAL_END)
 
 
+@functools.lru_cache(maxsize=1)
+def session_table_ns() -> dict[int, tuple[int, int]]:
+    """Every session of the calendar's range: day number since 1970-01-01 (New York date) ->
+    (open, close) as UTC nanoseconds. Built once from the calendar's schedule."""
+    sched = _xnys().schedule
+    days = (sched.index.values.astype("datetime64[D]").astype("int64")).tolist()
+    opens = sched["open"].dt.tz_convert("UTC").dt.tz_localize(None).values.astype("int64")
+    closes = sched["close"].dt.tz_convert("UTC").dt.tz_localize(None).values.astype("int64")
+    return dict(zip(days, zip(opens.tolist(), closes.tolist(), strict=True), strict=True))
+
+
 def exchange_date(ts: dt.datetime) -> dt.date:
     """Return the New York calendar date of an aware timestamp (also after 20:00 ET)."""
     if ts.tzinfo is None:

@@ -227,22 +227,32 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
           f"{len(days[0].symbols)} symbols, {days[0].bar_seconds // 60}-minute bars, "
           f"{'rules only' if args.no_ml else f'models from {settings.model_dir}'}",
           file=sys.stderr)
-    main, used_model = _backtest_pass(settings, days, args.no_ml,
-                                      None if args.quiet else progress_line)
+    # the baselines (same sizing and exits: without the model, and random entries) run in
+    # a forked process beside the main pass when there are two cores
+    global _FORK_DAYS
+    _FORK_DAYS = days
+    baselines = {"random entries": settings.model_copy(
+        update={"sim_run_id": run_id + "-random", "strategies": ("random",)})}
+    if not args.no_ml:
+        baselines = {"rules only": settings.model_copy(
+            update={"sim_run_id": run_id + "-rules"}), **baselines}
+    from core.forking import fork_pool
+
+    with fork_pool(1) as pool:
+        pending = {name: pool.submit(_baseline_pass, s) for name, s in baselines.items()}
+        main, used_model = _backtest_pass(settings, days, args.no_ml,
+                                          None if args.quiet else progress_line)
+        if not used_model:
+            pending.pop("rules only", None)  # no model: rules only is the main run
+        done = {name: f.result() for name, f in pending.items()}
+    _FORK_DAYS = None
     summary = summarize(
         main.trades, main.day_stats, main.order_log, settings.daily_limit_cents,
         extra={"mode": "backtest", "run_id": run_id, "completed": True,
                "source": str(settings.sim_data), "symbols": len(days[0].symbols),
                "bar_seconds": days[0].bar_seconds, "model_version": used_model,
                "symbol_bars": main.symbol_bars, "seconds": round(main.seconds, 3)})
-    # baselines with the same sizing and exits: without the model, and random entries
-    runs = {"strategy" + (f" + model {used_model}" if used_model else ""): main}
-    if used_model:
-        runs["rules only"], _ = _backtest_pass(
-            settings.model_copy(update={"sim_run_id": run_id + "-rules"}), days, True)
-    runs["random entries"], _ = _backtest_pass(
-        settings.model_copy(update={"sim_run_id": run_id + "-random",
-                                    "strategies": ("random",)}), days, True)
+    runs = {"strategy" + (f" + model {used_model}" if used_model else ""): main, **done}
     summary["stats"] = _stats(main, settings)
     summary["baselines"] = {name: _stats(run, settings)
                             for name, run in list(runs.items())[1:]}
@@ -250,6 +260,16 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
     _write_report(args.out, runs, settings)
     _print_summary(summary, args.out)
     return 0
+
+
+_FORK_DAYS: list[Any] | None = None  # the loaded days, inherited by forked baseline passes
+
+
+def _baseline_pass(settings: Any) -> Any:
+    """A rules-only pass over the loaded days (run in a forked worker, or inline)."""
+    if _FORK_DAYS is None:
+        raise RuntimeError("no days loaded for the baseline pass")
+    return _backtest_pass(settings, _FORK_DAYS, True)[0]
 
 
 def _print_coverage(days: list[Any]) -> None:

@@ -38,16 +38,17 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xgboost as xgb
 
 from ml.dataset import ENTRY_MODEL_FEATURES, EXIT_MODEL_FEATURES, Rows
 from ml.errors import ModelError
 from ml.features import FEATURE_VERSION
 from ml.metrics import json_safe, log_loss, roc_auc
-from ml.train import predict
+
+if TYPE_CHECKING:  # xgboost is imported where a model is read or written (start-up cost)
+    import xgboost as xgb
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def check_features(spec: Any, path: Path) -> None:
 
 
 def _load_booster(path: Path, names: tuple[str, ...]) -> xgb.Booster:
+    import xgboost as xgb
+
     if not path.is_file():
         raise ModelError(f"model file missing: {path}")
     booster = xgb.Booster()
@@ -301,6 +304,8 @@ def promote(model_dir: Path, candidate: str, rows: Rows, candidate_pred: np.ndar
     elif not unseen.any():
         where = f"validation rows ({previous} trained on all their days)"
     cand_ll = log_loss(rows.y, candidate_pred)
+    from ml.train import predict
+
     cur_pred = predict(current.entry, rows.X)
     cur_ll = log_loss(rows.y, cur_pred)
     cur_auc = roc_auc(rows.y, cur_pred)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Literal, Protocol
 
@@ -40,6 +40,18 @@ class OrderRequest:
     strategy: str = ""
     confidence: float | None = None
     stop_price: str | None = None
+
+
+def _shallow(obj: object) -> dict[str, object]:
+    """A dataclass as a dict of its fields, without ``asdict``'s deep copy (every field here
+    is a str, number, None or a flat dict of str, which json.dumps reads as it is)."""
+    names = _FIELDS.get(type(obj))
+    if names is None:
+        names = _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))  # type: ignore[arg-type]
+    return {name: getattr(obj, name) for name in names}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,8 @@ class Order:
     filled_notional: str | None = None
 
     def to_json(self) -> str:
-        """Serialise for storage."""
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """Serialise for storage (fields in declaration order)."""
+        return json.dumps(_shallow(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Order:
@@ -121,8 +133,8 @@ class Position:
         return Decimal(self.avg_price)
 
     def to_json(self) -> str:
-        """Serialise for storage."""
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """Serialise for storage (fields in declaration order)."""
+        return json.dumps(_shallow(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Position:

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import re
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.calendar import NY, is_session, session_bounds
+from core.calendar import NY, session_bounds, session_table_ns
 from core.errors import BarDataError
 from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME, DayBars
 
@@ -116,14 +117,7 @@ def list_bar_files(data_dir: Path) -> dict[str, Path]:
 @functools.lru_cache(maxsize=16384)
 def _session_ns(day_number: int) -> tuple[int, int] | None:
     """(open, close) of the NYSE session on a NY day number as UTC ns, None if no session."""
-    day = _EPOCH + dt.timedelta(days=day_number)
-    try:
-        if not is_session(day):
-            return None
-    except ValueError:  # outside the calendar's range: cannot be confirmed as a session
-        return None
-    open_, close = session_bounds(day)
-    return int(pd.Timestamp(open_).value), int(pd.Timestamp(close).value)
+    return session_table_ns().get(day_number)  # outside the calendar's range: None
 
 
 def _read_text(path: Path) -> str:
@@ -137,6 +131,10 @@ def _read_text(path: Path) -> str:
         raise BarDataError(f"cannot read bar file {path}: {exc}") from exc
 
 
+_TYPED = {"timestamp": str, "symbol": str, "open": np.float64, "high": np.float64,
+          "low": np.float64, "close": np.float64, "volume": np.float64}
+
+
 def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     """Parse and clean one bar file; row problems are dropped and logged once per file."""
     text = _read_text(path)
@@ -144,18 +142,26 @@ def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     if not lines or lines[0].strip() != _HEADER_LINE:
         got = lines[0].strip() if lines else "<empty file>"
         raise BarDataError(f"bar file {path} has header {got!r}, expected {_HEADER_LINE!r}")
-    n_lines = sum(1 for line in lines[1:] if line.strip())
+    n_lines = sum(map(bool, map(str.strip, lines[1:])))  # non-blank data lines
+    numbers: np.ndarray | None = None
     try:
-        df = pd.read_csv(
-            io.StringIO(text),
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            on_bad_lines="skip",
-            skipinitialspace=True,
-        )
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise BarDataError(f"cannot parse bar file {path}: {exc}") from exc
+        # fast path: every price and volume cell parses as a number in the C parser
+        df = pd.read_csv(io.StringIO(text), dtype=_TYPED, keep_default_na=False,
+                         na_filter=False, on_bad_lines="skip", skipinitialspace=True)
+        numbers = np.stack([df[name].to_numpy(dtype=np.float64) for name in HEADER[2:]],
+                           axis=1)
+    except (pd.errors.ParserError, ValueError, TypeError):
+        try:  # a cell that is not a number: every cell as text, bad ones become NaN below
+            df = pd.read_csv(
+                io.StringIO(text),
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                on_bad_lines="skip",
+                skipinitialspace=True,
+            )
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise BarDataError(f"cannot parse bar file {path}: {exc}") from exc
 
     n = len(df)
     counts = dict.fromkeys(_REASONS, 0)
@@ -210,9 +216,12 @@ def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     _check_bar_size(path, bar_seconds, offset[keep], misaligned[keep])
     drop(misaligned, "misaligned")
 
-    values = np.empty((n, 5), dtype=np.float64)
-    for j, name in enumerate(HEADER[2:]):
-        values[:, j] = _to_float(df[name])
+    if numbers is not None:
+        values = numbers
+    else:
+        values = np.empty((n, 5), dtype=np.float64)
+        for j, name in enumerate(HEADER[2:]):
+            values[:, j] = _to_float(df[name])
     o, h, lo, c, v = (values[:, j] for j in (OPEN, HIGH, LOW, CLOSE, VOLUME))
     prices = values[:, :4]
     with np.errstate(invalid="ignore"):
@@ -301,6 +310,33 @@ def _check_bar_size(
             )
 
 
+_PARALLEL_MIN_FILES = 8
+
+
+def _read_files(jobs: list[tuple[Path, str]], bar_seconds: int) -> list[_SymbolRows]:
+    """``_read_symbol_file`` over many files, in order; on several cores (Linux) the files
+    are split over worker processes, since parsing is CPU-bound."""
+    workers = min(os.cpu_count() or 1, len(jobs))
+    if workers < 2 or len(jobs) < _PARALLEL_MIN_FILES or sys.platform != "linux":
+        return [_read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    session_table_ns()  # built once here, inherited by the workers
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        done = list(pool.map(_read_chunk, chunks, [bar_seconds] * workers))
+    out: list[_SymbolRows | None] = [None] * len(jobs)
+    for i, rows in enumerate(done):
+        out[i::workers] = rows
+    return out  # type: ignore[return-value]
+
+
+def _read_chunk(jobs: list[tuple[Path, str]], bar_seconds: int) -> list[_SymbolRows]:
+    return [_read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
+
+
 def load_days(
     data_dir: Path,
     symbols: Sequence[str] | None = None,
@@ -341,8 +377,7 @@ def load_days(
     lo = -(2**62) if start is None else (start - _EPOCH).days
     hi = 2**62 if end is None else (end - _EPOCH).days
     per_day: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for s_idx, symbol in enumerate(selected):
-        rows = _read_symbol_file(files[symbol], symbol, bar_seconds)
+    for s_idx, rows in enumerate(_read_files([(files[s], s) for s in selected], bar_seconds)):
         in_range = (rows.day >= lo) & (rows.day <= hi)
         day, slot, values = rows.day[in_range], rows.slot[in_range], rows.values[in_range]
         if len(day) == 0:
