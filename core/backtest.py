@@ -26,7 +26,7 @@ from core.exits import exit_codes
 from core.models import CLOSE, DayBars
 from core.runtime import Runtime
 from core.scoring import bar_problems, entry_bar_of
-from core.signals.candidates import signal_candidates
+from core.signals.candidates import symbol_candidates
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +67,39 @@ class BarPlanner:
     * 'full': an entry may be sized at this bar (or it is the session's first decision,
       which reconciles).
     * 'exits': nothing can be opened (the no-entry window has begun, the position cap is
-      reached, or what is left of the daily limit cannot buy one share at the bar's lowest
-      close), but an order is working, a position is from an earlier session, the end-of-day
-      window is on, an exit model is loaded, or a held position's exit rules may fire: the
-      rule exits computed over the whole session for that position (``exit_codes``, exact
-      row by row) or the stop-loss with a 1e-9 margin for the decision's Decimal check.
+      reached, what is left of the daily limit cannot buy one share at the bar's lowest
+      close, no rule can signal here, or no candidate passes the entry model), but an order
+      is working, a position is from an earlier session, the end-of-day window is on, or a
+      held position may exit: its rule exits computed over the whole session
+      (``exit_codes``, exact row by row), the stop-loss with a 1e-9 margin for the
+      decision's Decimal check, or its exit-model score at or above the threshold.
     * 'idle': none of those. The bar settles unscored; the daily loss limit is still
       checked on the held positions' marks, exactly as the decision would.
 
-    So a backtest's trades are those of scoring every bar; the parity tests compare a
-    backtest with a cluster run, which scores every bar. Prices US dollars, money cents.
+    Model scores are precomputed for the whole session only where they are reproducible bit
+    for bit: XGBoost on the CPU (a row's score does not depend on its batch), fed with the
+    all-bars features, whose row ``t`` equals what the scoring step computes at bar ``t``
+    (prefix-stable sums; ``ml.predictor`` uses the same form). With any other model every
+    held bar is scored. So a backtest's trades are those of scoring every bar; the parity
+    tests compare it with a cluster run, which scores every bar. Prices US dollars, money
+    cents.
     """
 
     def __init__(self, rt: Runtime, days: list[DayBars]) -> None:
         self._rt = rt
         self._days = {d.date.isoformat(): d for d in days}
         self._cheapest = {d.date.isoformat(): cheapest_closes(d) for d in days}
-        # bars where some rule may signal (a superset; see core.signals.candidates)
-        self._signals = {d.date.isoformat(): signal_candidates(
+        # where some rule may signal (supersets; see core.signals.candidates): per bar and
+        # symbol, and per bar
+        self._symbol_signals = {d.date.isoformat(): symbol_candidates(
             d.ohlcv, d.date, rt.scoring_params(d.bar_seconds)) for d in days}
+        self._signals = {k: v.any(axis=1) for k, v in self._symbol_signals.items()}
+        # with an exactly reproducible model: bars where some candidate passes the entry
+        # model, per (date, model version)
+        self._model_entries: dict[tuple[str, str], np.ndarray] = {}
         self._index = {d.date.isoformat(): {s: i for i, s in enumerate(d.symbols)}
                        for d in days}
-        self._candidates: dict[tuple[str, str, str, int, str], np.ndarray] = {}
+        self._candidates: dict[tuple[str, str, str, int, str, str], np.ndarray] = {}
         self._p = rt.decision_params
         self._eod = {}  # date -> (no-entry window from bar, EOD window from bar)
         for d in days:
@@ -103,6 +114,7 @@ class BarPlanner:
                       if in_eod_window(t, d.close_time, self._p.eod_close_minutes_before)),
                      d.n_bars))
         self._idle: tuple[str, int, dict[str, Position]] | None = None
+        self._features: tuple[str, np.ndarray] | None = None
 
     def plan(self, payload: dict[str, Any]) -> str:
         """'full', 'exits' or 'idle' for the bar in ``payload`` (the tick's message)."""
@@ -122,7 +134,7 @@ class BarPlanner:
         if orders:
             return "exits"
         if positions:
-            if bar >= self._eod[date][1] or self._model_loaded():
+            if bar >= self._eod[date][1] or self._model_inexact():
                 return "exits"
             for pos in positions.values():
                 if pos.session_date != date or self._may_exit(data, pos, bar):
@@ -141,8 +153,8 @@ class BarPlanner:
         rt = self._rt
         data = self._days[date]
         day = data.date
-        if positions and rt.settings.protective_stop:
-            return 0  # a resting stop can fill on any bar
+        if positions and (rt.settings.protective_stop or self._model_inexact()):
+            return 0  # a resting stop can fill on any bar; an exit model may fire on any
         end = self._eod[date][1]  # the EOD task acts from here: bar by bar again
         if bar + 1 >= end:
             return 0
@@ -152,7 +164,7 @@ class BarPlanner:
             remaining = p.limits.daily_limit_cents - rt.limits.used(day)
             if remaining > 0:
                 stop = self._eod[date][0]
-                can = self._signals[date][bar + 1:stop] & (
+                can = self._entry_bars(date)[bar + 1:stop] & (
                     remaining + 1 >= (self._cheapest[date][bar + 1:stop] - 0.0001) * 100)
                 hit = np.flatnonzero(can)
                 if hit.size:
@@ -167,16 +179,81 @@ class BarPlanner:
                 end = min(end, bar + 1 + int(hit[0]))
         return max(end - (bar + 1), 0)
 
-    def _model_loaded(self) -> bool:
+    def _predictor(self) -> Any:
         models = self._rt.models
-        return models is not None and models.get() is not None
+        return models.get() if models is not None else None
+
+    def _session_features(self, date: str) -> np.ndarray:
+        """Entry features of the whole session ([T, S, F]; the last session's kept)."""
+        from ml.features import entry_features_all
+
+        if self._features is None or self._features[0] != date:
+            data = self._days[date]
+            self._features = (date, entry_features_all(data.ohlcv, data.bar_seconds))
+        return self._features[1]
+
+    def entry_features(self, day: dt.date, bar: int) -> np.ndarray | None:
+        """Row ``bar`` of the session's entry features ([S, F]): bit-identical to what
+        ``score_signals`` computes from the bars up to ``bar`` (prefix-stable sums)."""
+        date = day.isoformat()
+        if date not in self._days or not 0 <= bar < self._days[date].n_bars:
+            return None
+        return self._session_features(date)[bar]
+
+    def _model_inexact(self) -> bool:
+        """A model is loaded whose scores this planner cannot reproduce exactly ahead of time
+        (only XGBoost on the CPU is: each row's score is the same in any batch)."""
+        predictor = self._predictor()
+        return predictor is not None and not _exact(predictor)
+
+    def _entry_bars(self, date: str) -> np.ndarray:
+        """Per bar: may an entry signal survive the model? (all True without a model, all
+        False while the configured model is unusable, as in ``compute_scores``)."""
+        rt = self._rt
+        if rt.models is not None and rt.models.problem is not None:
+            return np.zeros(self._days[date].n_bars, dtype=bool)
+        predictor = self._predictor()
+        if predictor is None or not _exact(predictor):
+            return self._signals[date]
+        key = (date, str(predictor.version))
+        ok = self._model_entries.get(key)
+        if ok is None:
+            ok = self._model_entries[key] = self._scored_entry_bars(date, predictor)
+        return ok
+
+    def _scored_entry_bars(self, date: str, predictor: Any) -> np.ndarray:
+        """Bars where some candidate (symbol, side, strategy) scores at or above the entry
+        threshold: the same features (``entry_features_all``, bit-identical row by row to
+        what ``score_signals`` computes at that bar) and the same model."""
+        from ml.dataset import entry_model_rows, strategy_id
+
+        data = self._days[date]
+        ts, ss = np.nonzero(self._symbol_signals[date])
+        out = np.zeros(data.n_bars, dtype=bool)
+        if ts.size == 0:
+            return out
+        feats = self._session_features(date)[ts, ss]
+        strategies = [strategy_id(x) for x in self._rt.scoring_params(data.bar_seconds)
+                      .strategies]
+        combos = [(side, sid) for side in (1, -1) for sid in strategies]
+        rows = entry_model_rows(np.concatenate([feats] * len(combos)),
+                                np.repeat([c[0] for c in combos], len(ts)),
+                                np.repeat([c[1] for c in combos], len(ts)))
+        try:
+            p = np.asarray(predictor.predict_entry(rows), dtype=float)
+        except Exception:  # the bar-by-bar path logs it; here: plan every candidate bar
+            log.exception("entry model failed ahead of the backtest; scoring every candidate")
+            return self._signals[date]
+        hit = np.isfinite(p) & (p >= self._rt.settings.ml_entry_threshold)
+        out[np.tile(ts, len(combos))[hit]] = True
+        return out
 
     def _can_enter(self, date: str, day: dt.date, bar: int, positions: dict[str, Position],
                    orders: list[Any]) -> bool:
         """False only when ``decide`` cannot size any entry at this bar."""
         p = self._p
-        if bar >= self._eod[date][0] or not self._signals[date][bar]:
-            return False  # the no-entry window, or no rule can signal at this bar
+        if bar >= self._eod[date][0] or not self._entry_bars(date)[bar]:
+            return False  # the no-entry window, or no signal can pass at this bar
         if len(set(positions) | {o.symbol for o in orders}) >= p.limits.max_open_positions:
             return False
         remaining = p.limits.daily_limit_cents - self._rt.limits.used(day)
@@ -207,8 +284,10 @@ class BarPlanner:
         return bool(self._candidates_of(data, pos)[bar])
 
     def _candidates_of(self, data: DayBars, pos: Position) -> np.ndarray:
+        predictor = self._predictor()
         key = (data.date.isoformat(), pos.entry_client_order_id, pos.avg_price,
-               1 if pos.qty > 0 else -1, pos.opened_at)
+               1 if pos.qty > 0 else -1, pos.opened_at,
+               str(predictor.version) if predictor is not None else "")
         cand = self._candidates.get(key)
         if cand is None:
             cand = self._candidates[key] = self._exit_candidates(data, pos)
@@ -233,7 +312,32 @@ class BarPlanner:
                 stop = c <= avg * (1 - sl) * (1 + 1e-9)
             else:
                 stop = c >= avg * (1 + sl) * (1 - 1e-9)
-        return (codes != 0) | stop
+        cand = (codes != 0) | stop
+        predictor = self._predictor()
+        if predictor is not None:
+            cand |= self._model_exit_bars(data, predictor, i, entry, direction, avg)
+        return cand
+
+    def _model_exit_bars(self, data: DayBars, predictor: Any, i: int, entry: int,
+                         direction: int, avg: float) -> np.ndarray:
+        """Bars where the exit model scores the position at or above its threshold (every
+        bar when the model cannot be reproduced exactly here)."""
+        if not _exact(predictor):
+            return np.ones(data.n_bars, dtype=bool)
+        from ml.dataset import exit_model_rows
+        from ml.features import exit_features_all
+
+        try:
+            feats = exit_features_all(data.ohlcv[:, [i]], np.asarray([entry]),
+                                      np.asarray([direction]), np.asarray([avg]),
+                                      data.bar_seconds)[:, 0]
+            p = np.asarray(predictor.predict_exit(
+                exit_model_rows(feats, np.full(data.n_bars, direction))), dtype=float)
+        except Exception:
+            log.exception("exit model failed ahead of the backtest; scoring every held bar")
+            return np.ones(data.n_bars, dtype=bool)
+        thr = self._rt.settings.ml_exit_threshold
+        return ~np.isnan(p) & (np.nan_to_num(p) >= thr)
 
     def _check_loss_limit(self, data: DayBars, day: dt.date, bar: int,
                           positions: dict[str, Position]) -> None:
@@ -278,6 +382,8 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
     started = time.perf_counter()
     prepare_replay(rt, settings, days)
     planner = BarPlanner(rt, days) if skip_idle else None
+    if planner is not None:
+        rt.entry_features = planner.entry_features
     dispatcher = InlineDispatcher(rt, planner)
     total = len(days)
     by_date = {d.date.isoformat(): i for i, d in enumerate(days)}
@@ -316,6 +422,12 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
                        order_log=rt.broker.order_log(), bars=bars,
                        symbol_bars=bars * n_symbols, seconds=time.perf_counter() - started,
                        plans=dict(dispatcher.plans))
+
+
+def _exact(predictor: Any) -> bool:
+    """Scores this process can reproduce ahead of time bit for bit: XGBoost on the CPU."""
+    return (getattr(predictor, "backend", "") == "xgboost"
+            and str(getattr(predictor, "device", "")) == "cpu")
 
 
 def cheapest_closes(day: DayBars) -> np.ndarray:

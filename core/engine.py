@@ -187,8 +187,11 @@ def _model_scored(rt: Runtime, predictor: Any, window: Any, meta: Any,
                   signals: list[Signal]) -> list[Signal]:
     """Signals with the entry model's probability as confidence, those below the threshold
     dropped; none at all when the model fails on this bar."""
+    source = rt.entry_features  # the backtester's features of the whole session, if any
+    features = source(meta.date, window.shape[0] - 1) if source is not None else None
     try:
-        probs = score_signals(predictor, window, meta.symbols, meta.bar_seconds, signals)
+        probs = score_signals(predictor, window, meta.symbols, meta.bar_seconds, signals,
+                              features=features)
     except Exception:
         log.exception("entry model failed on this bar: no entries",
                       extra={"model": predictor.version})

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from redis import Redis
 
 from core.alerts import Alerter
@@ -61,6 +62,8 @@ class Runtime:
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)
+    # the backtester's entry features of a whole session at one bar ([S, F]; None: compute)
+    entry_features: Callable[[dt.date, int], np.ndarray | None] | None = None
     # wall clock, America/New_York (tests replace it)
     now_fn: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(NY))
 

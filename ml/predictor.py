@@ -32,7 +32,7 @@ from ml.dataset import (
 )
 from ml.device import cuda_available, resolve_device
 from ml.errors import ModelError
-from ml.features import entry_features, exit_features
+from ml.features import entry_features_all, exit_features_all
 from ml.registry import CURRENT, ModelVersion, load_version, read_current
 
 log = logging.getLogger(__name__)
@@ -300,17 +300,27 @@ class ModelHolder:
 
 
 def score_signals(predictor: Predictor, window: Any, symbols: Sequence[str],
-                  bar_seconds: int, signals: Sequence[Signal], xp: ModuleType = np) -> np.ndarray:
+                  bar_seconds: int, signals: Sequence[Signal], xp: ModuleType = np,
+                  features: np.ndarray | None = None) -> np.ndarray:
     """Entry probabilities [len(signals)] for rule ``signals`` at the last bar of ``window``
-    ([t+1, S, 5]); features exactly as in training (``entry_features`` + side + strategy)."""
+    ([t+1, S, 5]); features exactly as in training (``entry_features_all`` + side +
+    strategy). ``features``: that bar's entry features of every symbol ([S, F]) when the
+    caller already has them (the backtester, from the whole session: the same numbers)."""
     if not signals:
         return np.zeros(0)
     index = {s: i for i, s in enumerate(symbols)}
+    if features is not None:
+        rows = entry_model_rows(features[[index[s.symbol] for s in signals]],
+                                [1 if s.side == "buy" else -1 for s in signals],
+                                [strategy_id(s.source) for s in signals])
+        return predictor.predict_entry(rows)
     # features of the signalled symbols only (each symbol's features use its own bars):
     # one batch, a fraction of the universe's cost
     cols = sorted({index[s.symbol] for s in signals})
     where = {c: k for k, c in enumerate(cols)}
-    feats = _to_numpy(entry_features(window[:, cols], bar_seconds, xp))
+    # the all-bars form's last row: bit-identical to the same row of a whole session's
+    # features (training computes those, and the backtester precomputes them)
+    feats = _to_numpy(entry_features_all(window[:, cols], bar_seconds, xp)[-1])
     rows = entry_model_rows(feats[[where[index[s.symbol]] for s in signals]],
                             [1 if s.side == "buy" else -1 for s in signals],
                             [strategy_id(s.source) for s in signals])
@@ -323,7 +333,8 @@ def exit_model(predictor: Predictor, bar_seconds: int,
     prices in US dollars) -> exit probability per held position, from ``predictor``."""
 
     def score(window: Any, idx: Any, entry_bar: Any, direction: Any, avg: Any) -> np.ndarray:
-        feats = exit_features(window[:, idx], entry_bar, direction, avg, bar_seconds, xp)
+        feats = exit_features_all(window[:, idx], entry_bar, direction, avg, bar_seconds,
+                                  xp)[-1]  # as in score_signals: the all-bars form's last row
         return predictor.predict_exit(exit_model_rows(_to_numpy(feats),
                                                       _to_numpy(direction)))
 

@@ -40,10 +40,16 @@ def signal_candidates(ohlcv: np.ndarray, session_date: dt.date,
 
     ``ohlcv`` is the session's ``[T, S, 5]``; ``params`` a ``core.scoring.ScoringParams``.
     """
-    n_bars = ohlcv.shape[0]
-    out = np.zeros(n_bars, dtype=bool)
+    return symbol_candidates(ohlcv, session_date, params).any(axis=1)
+
+
+def symbol_candidates(ohlcv: np.ndarray, session_date: dt.date,
+                      params: ScoringParams) -> np.ndarray:
+    """``[T, S]`` bools: True where some strategy may signal on that symbol (superset)."""
+    n_bars, n_sym = ohlcv.shape[:2]
+    out = np.zeros((n_bars, n_sym), dtype=bool)
     strategies = tuple(params.strategies)
-    if n_bars == 0 or ohlcv.shape[1] == 0:
+    if n_bars == 0 or n_sym == 0:
         return out
     if "orb" in strategies:
         out |= _orb(ohlcv, params.orb)
@@ -60,7 +66,7 @@ def signal_candidates(ohlcv: np.ndarray, session_date: dt.date,
 def _orb(ohlcv: np.ndarray, p: OrbParams) -> np.ndarray:
     k = int(p.range_bars)
     n_bars = ohlcv.shape[0]
-    out = np.zeros(n_bars, dtype=bool)
+    out = np.zeros(ohlcv.shape[:2], dtype=bool)
     if n_bars <= k:
         return out
     rng = ohlcv[:k]
@@ -73,13 +79,13 @@ def _orb(ohlcv: np.ndarray, p: OrbParams) -> np.ndarray:
     close_p = ohlcv[k - 1:-1, :, CLOSE]
     with np.errstate(invalid="ignore"):
         hit = ((close_t > up) & (close_p <= up)) | ((close_t < dn) & (close_p >= dn))
-    out[k:] = hit.any(axis=1)
+    out[k:] = hit
     return out
 
 
 def _vwap(ohlcv: np.ndarray, p: VwapParams) -> np.ndarray:
     n_bars = ohlcv.shape[0]
-    out = np.zeros(n_bars, dtype=bool)
+    out = np.zeros(ohlcv.shape[:2], dtype=bool)
     min_bars = int(p.min_bars)
     std_bars = int(p.std_bars)
     band_k = float(p.band_k)
@@ -119,7 +125,7 @@ def _vwap(ohlcv: np.ndarray, p: VwapParams) -> np.ndarray:
         long_ = (ct > cp) & (cp < lower) & (ct < vt + tol)
         short = (ct < cp) & (cp > upper) & (ct > vt - tol)
         unsure = np.isnan(vp) | np.isnan(vt) | np.isnan(s)  # the rule decides there
-        hit = (long_ | short | (unsure & ~np.isnan(cp) & ~np.isnan(ct))).any(axis=1)
+        hit = long_ | short | (unsure & ~np.isnan(cp) & ~np.isnan(ct))
     out[1:] = hit
     out[: max(min_bars - 1, 1)] = False  # t + 1 < min_bars: the rule returns nothing
     return out
@@ -130,8 +136,7 @@ def _random(ohlcv: np.ndarray, session_date: dt.date, p: RandomParams) -> np.nda
     rate = float(p.rate)
     seed = int(p.seed)
     day = session_date.toordinal()
-    out = np.zeros(n_bars, dtype=bool)
+    out = np.zeros((n_bars, n_sym), dtype=bool)
     for t in range(n_bars):
-        draw = np.random.default_rng([seed, day, t]).random(n_sym)
-        out[t] = bool((draw < rate).any())
+        out[t] = np.random.default_rng([seed, day, t]).random(n_sym) < rate
     return out

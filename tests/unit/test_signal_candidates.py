@@ -15,7 +15,7 @@ from core.config import Settings
 from core.market.synthetic import generate_days
 from core.models import CLOSE, DayBars
 from core.scoring import ScoringParams, score_bar
-from core.signals.candidates import signal_candidates
+from core.signals.candidates import signal_candidates, symbol_candidates
 
 
 def _check(days: list[DayBars], settings: Settings) -> tuple[int, int]:
@@ -24,7 +24,11 @@ def _check(days: list[DayBars], settings: Settings) -> tuple[int, int]:
     for day in days:
         params = ScoringParams.from_settings(settings, day.bar_seconds)
         cand = signal_candidates(day.ohlcv, day.date, params)
+        per_symbol = symbol_candidates(day.ohlcv, day.date, params)
         assert cand.shape == (day.n_bars,)
+        assert per_symbol.shape == (day.n_bars, len(day.symbols))
+        assert np.array_equal(cand, per_symbol.any(axis=1))
+        index = {s: i for i, s in enumerate(day.symbols)}
         for t in range(day.n_bars):
             scored = score_bar(day.ohlcv[: t + 1], day.symbols, day.open_time,
                                day.bar_seconds, {}, params)
@@ -32,6 +36,8 @@ def _check(days: list[DayBars], settings: Settings) -> tuple[int, int]:
             if scored.signals:
                 fired += 1
                 assert cand[t], (day.date, t, scored.signals[:3])
+            for sig in scored.signals:
+                assert per_symbol[t, index[sig.symbol]], (day.date, t, sig)
     return fired, marked
 
 
