@@ -282,6 +282,9 @@ def main() -> int:
     p.add_argument("--days", type=int, default=20, help="sessions from 2025-11-03 (default 20)")
     p.add_argument("--model-dir", type=Path,
                    help="model registry with a current model: also run ours with the model")
+    p.add_argument("--ml-entry-threshold", type=float,
+                   help="TRADING_ML_ENTRY_THRESHOLD for the run with the model (default: the "
+                        "setting's); a model that scores every signal below it never trades")
     p.add_argument("--fast", type=int, default=10, help="fast moving average (bars)")
     p.add_argument("--slow", type=int, default=30, help="slow moving average (bars)")
     p.add_argument("--seed", type=int, default=7, help="synthetic generator seed (default 7)")
@@ -318,6 +321,8 @@ def main() -> int:
         raise RuntimeError("skipping idle bars changed the trades")
     if args.model_dir is not None:
         say(f"ours: run_backtest in-process, model from {args.model_dir} ...")
+        if args.ml_entry_threshold is not None:
+            os.environ["TRADING_ML_ENTRY_THRESHOLD"] = repr(args.ml_entry_threshold)
         try:
             rows.append(ours_inprocess(days, args.model_dir)[0])
         except Exception as exc:  # report and go on with the other engines

@@ -218,7 +218,8 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
         env["TRADING_MODEL_DIR"] = str(args.model_dir.resolve())
     os.environ.update(env)
     settings = load_settings()
-    days = load_sim_days(settings)
+    # the report's plotting library loads while other processes parse the bar files
+    days = load_sim_days(settings, meanwhile=_import_plotting)
     _print_coverage(days)
     # the backtest runs in this process on an in-memory stand-in for Redis: no server
     run_id = f"bt-{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -260,6 +261,12 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
     _write_report(args.out, runs, settings)
     _print_summary(summary, args.out)
     return 0
+
+
+def _import_plotting() -> None:
+    """Import what the report draws with (matplotlib's Agg figures)."""
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure  # noqa: F401
 
 
 _FORK_DAYS: list[Any] | None = None  # the loaded days, inherited by forked baseline passes

@@ -26,6 +26,13 @@ Value = bytes
 
 def _b(value: Any) -> bytes:
     """Encode a value the way redis-py does before sending it."""
+    kind = type(value)  # the common exact types first (hot path)
+    if kind is str:
+        return value.encode()
+    if kind is bytes:
+        return value
+    if kind is int:
+        return str(value).encode()
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):

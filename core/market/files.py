@@ -22,9 +22,10 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -137,6 +138,29 @@ _TYPED = {"timestamp": str, "symbol": str, "open": np.float64, "high": np.float6
 
 def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     """Parse and clean one bar file; row problems are dropped and logged once per file."""
+    return _finish_symbol_file(_parse_symbol_file(path, symbol, bar_seconds), _session_ns)
+
+
+@dataclass
+class _Parsed:
+    """One file after the checks that need no calendar (``_parse_symbol_file``); the drops
+    that follow are applied by ``_finish_symbol_file`` in the same order as always, so a row
+    is counted under the first reason that applies."""
+
+    path: Path
+    symbol: str
+    bar_seconds: int
+    n_lines: int
+    counts: dict[str, int]
+    keep: np.ndarray
+    ns: np.ndarray  # UTC ns of each row (0 where the timestamp is unusable)
+    day: np.ndarray  # New York day number of each row
+    ts_ok: np.ndarray  # rows with a usable timestamp when the calendar is consulted
+    values: np.ndarray  # float64 [n, 5], NaN where a cell is not a number
+
+
+def _parse_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _Parsed:
+    """Read one bar file and apply the checks that need no trading calendar."""
     text = _read_text(path)
     lines = text.splitlines()
     if not lines or lines[0].strip() != _HEADER_LINE:
@@ -191,16 +215,41 @@ def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     ts_ok = keep.copy()
     ns = np.zeros(n, dtype=np.int64)
     day = np.zeros(n, dtype=np.int64)
-    open_ns = np.zeros(n, dtype=np.int64)
-    close_ns = np.zeros(n, dtype=np.int64)
-    in_session_day = np.zeros(n, dtype=bool)
     if ts_ok.any():
         good = parsed[ts_ok].dt.as_unit("ns")
         ns[ts_ok] = good.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").view(np.int64)
         local = good.dt.tz_convert(NY).dt.tz_localize(None)
         day[ts_ok] = local.to_numpy(dtype="datetime64[ns]").view(np.int64) // _NS_PER_DAY
+
+    if numbers is not None:
+        values = numbers
+    else:
+        values = np.empty((n, 5), dtype=np.float64)
+        for j, name in enumerate(HEADER[2:]):
+            values[:, j] = _to_float(df[name])
+    return _Parsed(path=path, symbol=symbol, bar_seconds=bar_seconds, n_lines=n_lines,
+                   counts=counts, keep=keep, ns=ns, day=day, ts_ok=ts_ok, values=values)
+
+
+def _finish_symbol_file(pf: _Parsed,
+                        sessions: Callable[[int], tuple[int, int] | None]) -> _SymbolRows:
+    """The calendar's checks and the rest of the cleaning; ``sessions`` maps a New York day
+    number to the session's (open, close) in UTC ns, None on a day without a session."""
+    path, symbol, bar_seconds, n_lines = pf.path, pf.symbol, pf.bar_seconds, pf.n_lines
+    counts, keep, ns, day, ts_ok, values = pf.counts, pf.keep, pf.ns, pf.day, pf.ts_ok, pf.values
+    n = len(keep)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        hit = mask & keep
+        counts[reason] += int(hit.sum())
+        keep[hit] = False
+
+    open_ns = np.zeros(n, dtype=np.int64)
+    close_ns = np.zeros(n, dtype=np.int64)
+    in_session_day = np.zeros(n, dtype=bool)
+    if ts_ok.any():
         uniq, inverse = np.unique(day[ts_ok], return_inverse=True)
-        bounds = [_session_ns(int(d)) for d in uniq]
+        bounds = [sessions(int(d)) for d in uniq]
         is_sess = np.array([b is not None for b in bounds], dtype=bool)
         opens = np.array([b[0] if b else 0 for b in bounds], dtype=np.int64)
         closes = np.array([b[1] if b else 0 for b in bounds], dtype=np.int64)
@@ -216,12 +265,6 @@ def _read_symbol_file(path: Path, symbol: str, bar_seconds: int) -> _SymbolRows:
     _check_bar_size(path, bar_seconds, offset[keep], misaligned[keep])
     drop(misaligned, "misaligned")
 
-    if numbers is not None:
-        values = numbers
-    else:
-        values = np.empty((n, 5), dtype=np.float64)
-        for j, name in enumerate(HEADER[2:]):
-            values[:, j] = _to_float(df[name])
     o, h, lo, c, v = (values[:, j] for j in (OPEN, HIGH, LOW, CLOSE, VOLUME))
     prices = values[:, :4]
     with np.errstate(invalid="ignore"):
@@ -313,28 +356,83 @@ def _check_bar_size(
 _PARALLEL_MIN_FILES = 8
 
 
-def _read_files(jobs: list[tuple[Path, str]], bar_seconds: int) -> list[_SymbolRows]:
-    """``_read_symbol_file`` over many files, in order; on several cores (Linux) the files
-    are split over worker processes, since parsing is CPU-bound."""
+def _read_files(jobs: list[tuple[Path, str]], bar_seconds: int,
+                meanwhile: Callable[[], object] | None = None) -> list[_SymbolRows]:
+    """``_read_symbol_file`` over many files, in order, raising the first file's error.
+
+    On several cores (Linux) the files are split over forked worker processes, since parsing
+    is CPU-bound; each worker parses its files while this process runs ``meanwhile`` and
+    builds the trading calendar (a third of a second), then finishes them with the
+    calendar it sends. ``meanwhile`` runs in every case, once."""
     workers = min(os.cpu_count() or 1, len(jobs))
     if workers < 2 or len(jobs) < _PARALLEL_MIN_FILES or sys.platform != "linux":
+        if meanwhile is not None:
+            meanwhile()
         return [_read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    session_table_ns()  # built once here, inherited by the workers
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(max_workers=workers,
-                             mp_context=multiprocessing.get_context("fork")) as pool:
-        done = list(pool.map(_read_chunk, chunks, [bar_seconds] * workers))
-    out: list[_SymbolRows | None] = [None] * len(jobs)
-    for i, rows in enumerate(done):
-        out[i::workers] = rows
+    ctx = multiprocessing.get_context("fork")
+    chunks = [list(range(i, len(jobs), workers)) for i in range(workers)]
+    links = []
+    for chunk in chunks:
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_read_worker, args=(there, [jobs[i] for i in chunk],
+                                                        bar_seconds), daemon=True)
+        proc.start()
+        there.close()
+        links.append((here, proc))
+    if meanwhile is not None:
+        meanwhile()
+    table = session_table_ns()
+    out: list[_SymbolRows | BaseException | None] = [None] * len(jobs)
+    try:
+        for here, _ in links:
+            here.send(table)
+        for chunk, (here, _) in zip(chunks, links, strict=True):
+            for i, result in zip(chunk, here.recv(), strict=True):
+                out[i] = result
+    except (EOFError, OSError):  # a worker died (memory?): read everything here instead
+        log.warning("a bar file reader process died; reading the files in this process")
+        return [_read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
+    finally:
+        for here, proc in links:
+            here.close()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    for result in out:
+        if isinstance(result, BaseException):
+            raise result
+        if result is None:
+            raise BarDataError("a bar file reader stopped without an answer")
     return out  # type: ignore[return-value]
 
 
-def _read_chunk(jobs: list[tuple[Path, str]], bar_seconds: int) -> list[_SymbolRows]:
-    return [_read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
+def _read_worker(conn: Any, jobs: list[tuple[Path, str]], bar_seconds: int) -> None:
+    """A forked reader: parse, wait for the calendar, finish; one answer per file (rows or
+    the error it raised), sent back in order."""
+    try:
+        parsed: list[_Parsed | BaseException] = []
+        for path, symbol in jobs:
+            try:
+                parsed.append(_parse_symbol_file(path, symbol, bar_seconds))
+            except Exception as exc:
+                parsed.append(exc)
+        table = conn.recv()
+        answers: list[_SymbolRows | BaseException] = []
+        for item in parsed:
+            if isinstance(item, BaseException):
+                answers.append(item)
+                continue
+            try:
+                answers.append(_finish_symbol_file(item, table.get))
+            except Exception as exc:
+                answers.append(exc)
+        conn.send(answers)
+    except (EOFError, OSError):
+        pass  # the parent went away
+    finally:
+        conn.close()
 
 
 def load_days(
@@ -342,8 +440,12 @@ def load_days(
     symbols: Sequence[str] | None = None,
     start: dt.date | None = None,
     end: dt.date | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[DayBars]:
     """Load bar files into one DayBars per NYSE session date, ascending.
+
+    ``meanwhile``: work for this process while forked readers parse the files (the caller's
+    next imports, say); it runs once in any case.
 
     ``symbols`` keeps the given order (all files, sorted, if None). ``start``/``end`` are
     inclusive New York session dates. A day is returned when at least one selected symbol has a
@@ -377,7 +479,8 @@ def load_days(
     lo = -(2**62) if start is None else (start - _EPOCH).days
     hi = 2**62 if end is None else (end - _EPOCH).days
     per_day: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for s_idx, rows in enumerate(_read_files([(files[s], s) for s in selected], bar_seconds)):
+    rows_of = _read_files([(files[s], s) for s in selected], bar_seconds, meanwhile)
+    for s_idx, rows in enumerate(rows_of):
         in_range = (rows.day >= lo) & (rows.day <= hi)
         day, slot, values = rows.day[in_range], rows.slot[in_range], rows.values[in_range]
         if len(day) == 0:

@@ -506,3 +506,58 @@ def test_shared_development_bars(caplog: pytest.LogCaptureFixture) -> None:
     aapl = {d.date: d.ohlcv[:, a, :] for d in days if not np.isnan(d.ohlcv[:, a, CLOSE]).all()}
     assert 600 < np.nanmax(aapl[dt.date(2014, 6, 6)][:, OPEN]) < 700  # before the 7:1 split
     assert 80 < np.nanmax(aapl[dt.date(2014, 6, 9)][:, OPEN]) < 100  # after it (unadjusted)
+
+
+# --- many files: parsed by forked readers ---------------------------------------------------
+
+
+def _many(tmp_path: Path, n: int = 10) -> Path:
+    import datetime as dt
+
+    from core.calendar import next_sessions
+    from core.market.files import write_bar_files
+    from core.market.synthetic import generate_days
+
+    folder = tmp_path / "many"
+    write_bar_files(generate_days(next_sessions(dt.date(2025, 11, 24), 3),
+                                  [f"M{i:02d}" for i in range(n)], seed=9), folder)
+    return folder
+
+
+def test_many_files_load_the_same_in_forked_readers_and_here(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import numpy as np
+
+    from core.market import files
+
+    folder = _many(tmp_path)
+    calls: list[int] = []
+    parallel = files.load_days(folder, meanwhile=lambda: calls.append(1))
+    monkeypatch.setattr(files, "_PARALLEL_MIN_FILES", 10_000)  # one process
+    serial = files.load_days(folder, meanwhile=lambda: calls.append(2))
+    assert calls == [1, 2]  # once each time
+    assert [d.date for d in parallel] == [d.date for d in serial]
+    for a, b in zip(parallel, serial, strict=True):
+        assert a.symbols == b.symbols and a.close_time == b.close_time
+        np.testing.assert_array_equal(a.ohlcv, b.ohlcv)
+
+
+def test_a_bad_file_among_many_is_named_as_when_read_here(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import gzip
+
+    from core.errors import BarDataError
+    from core.market import files
+
+    folder = _many(tmp_path)
+    for name in ("M07_1min.csv.gz", "M03_1min.csv.gz"):
+        (folder / name).write_bytes(gzip.compress(b"time,sym,o,h,l,c,v\n1,2,3,4,5,6,7\n"))
+    with pytest.raises(BarDataError) as parallel:
+        files.load_days(folder)
+    monkeypatch.setattr(files, "_PARALLEL_MIN_FILES", 10_000)
+    with pytest.raises(BarDataError) as serial:
+        files.load_days(folder)
+    assert "M03_1min.csv.gz" in str(parallel.value)  # the first bad one in symbol order
+    assert str(parallel.value) == str(serial.value)
