@@ -102,17 +102,11 @@ class BarPlanner:
         self._candidates: dict[tuple[str, str, str, int, str, str], np.ndarray] = {}
         self._p = rt.decision_params
         self._eod = {}  # date -> (no-entry window from bar, EOD window from bar)
+        no_entry = max(self._p.no_entry_minutes_before_close, self._p.eod_close_minutes_before)
         for d in days:
-            decided = [d.bar_time(b) + dt.timedelta(seconds=d.bar_seconds)
-                       for b in range(d.n_bars)]
-            no_entry = max(self._p.no_entry_minutes_before_close,
-                           self._p.eod_close_minutes_before)
             self._eod[d.date.isoformat()] = (
-                next((b for b, t in enumerate(decided)
-                      if in_eod_window(t, d.close_time, no_entry)), d.n_bars),
-                next((b for b, t in enumerate(decided)
-                      if in_eod_window(t, d.close_time, self._p.eod_close_minutes_before)),
-                     d.n_bars))
+                first_bar_in_window(d, no_entry),
+                first_bar_in_window(d, self._p.eod_close_minutes_before))
         self._idle: tuple[str, int, dict[str, Position]] | None = None
         self._features: tuple[str, np.ndarray] | None = None
 
@@ -422,6 +416,15 @@ def run_backtest(rt: Runtime, settings: Settings, days: list[DayBars],
                        order_log=rt.broker.order_log(), bars=bars,
                        symbol_bars=bars * n_symbols, seconds=time.perf_counter() - started,
                        plans=dict(dispatcher.plans))
+
+
+def first_bar_in_window(day: DayBars, minutes: int) -> int:
+    """The first bar whose decision (at its close) falls within ``minutes`` of the session's
+    close, as ``in_eod_window`` decides it; ``day.n_bars`` when none does."""
+    session = int((day.close_time - day.open_time).total_seconds())
+    # close - (open + (b + 1) x bar) <= minutes  <=>  b >= ceil((session - minutes) / bar) - 1
+    first = -(-(session - int(minutes) * 60) // day.bar_seconds) - 1
+    return min(max(first, 0), day.n_bars)
 
 
 def _exact(predictor: Any) -> bool:

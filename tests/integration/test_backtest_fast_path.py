@@ -69,3 +69,16 @@ def test_fast_path_equals_the_cluster_path_on_real_bars(shared_bars: Path, redis
     slow, fast = _both(days, redis_url, take_profit_pct=0.004)
     assert slow.trades
     _same(slow, fast)
+
+
+def test_the_planners_window_bars_match_the_decisions_check() -> None:
+    from core.backtest import first_bar_in_window
+    from core.decision import in_eod_window
+
+    days = generate_days([dt.date(2025, 11, 28), dt.date(2025, 12, 1)], ["A"], seed=1)
+    for day in days:  # an early close and a full day
+        for minutes in (1, 10, 30, 120, 400):
+            scan = next((b for b in range(day.n_bars) if in_eod_window(
+                day.bar_time(b) + dt.timedelta(seconds=day.bar_seconds), day.close_time,
+                minutes)), day.n_bars)
+            assert first_bar_in_window(day, minutes) == scan, (day.date, minutes)
