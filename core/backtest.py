@@ -67,8 +67,9 @@ class BarPlanner:
     * 'full': an entry may be sized at this bar (or it is the session's first decision,
       which reconciles).
     * 'exits': nothing can be opened (the no-entry window has begun, the position cap is
-      reached, what is left of the daily limit cannot buy one share at the bar's lowest
-      close, no rule can signal here, or no candidate passes the entry model), but an order
+      reached, or no symbol is left where a rule may signal, the entry model may pass it,
+      ``decide`` would not skip it for a position, a working order or both sides entered
+      today, and what is left of the daily limit buys one share at its close), but an order
       is working, a position is from an earlier session, the end-of-day window is on, or a
       held position may exit: its rule exits computed over the whole session
       (``exit_codes``, exact row by row), the stop-loss with a 1e-9 margin for the
@@ -88,14 +89,12 @@ class BarPlanner:
     def __init__(self, rt: Runtime, days: list[DayBars]) -> None:
         self._rt = rt
         self._days = {d.date.isoformat(): d for d in days}
-        self._cheapest = {d.date.isoformat(): cheapest_closes(d) for d in days}
         # where some rule may signal (supersets; see core.signals.candidates): per bar and
         # symbol, and per bar
         self._symbol_signals = {d.date.isoformat(): symbol_candidates(
             d.ohlcv, d.date, rt.scoring_params(d.bar_seconds)) for d in days}
-        self._signals = {k: v.any(axis=1) for k, v in self._symbol_signals.items()}
-        # with an exactly reproducible model: bars where some candidate passes the entry
-        # model, per (date, model version)
+        # with an exactly reproducible model: the candidates that pass the entry model, per
+        # (date, model version)
         self._model_entries: dict[tuple[str, str], np.ndarray] = {}
         self._index = {d.date.isoformat(): {s: i for i, s in enumerate(d.symbols)}
                        for d in days}
@@ -158,8 +157,11 @@ class BarPlanner:
             remaining = p.limits.daily_limit_cents - rt.limits.used(day)
             if remaining > 0:
                 stop = self._eod[date][0]
-                can = self._entry_bars(date)[bar + 1:stop] & (
-                    remaining + 1 >= (self._cheapest[date][bar + 1:stop] - 0.0001) * 100)
+                open_ = self._entry_symbols(date)[bar + 1:stop] & ~self._blocked(
+                    date, day, positions, [])[None, :]
+                with np.errstate(invalid="ignore"):
+                    can = (open_ & (remaining + 1 >= (
+                        data.ohlcv[bar + 1:stop, :, CLOSE] - 0.0001) * 100)).any(axis=1)
                 hit = np.flatnonzero(can)
                 if hit.size:
                     end = min(end, bar + 1 + int(hit[0]))
@@ -200,30 +202,32 @@ class BarPlanner:
         predictor = self._predictor()
         return predictor is not None and not _exact(predictor)
 
-    def _entry_bars(self, date: str) -> np.ndarray:
-        """Per bar: may an entry signal survive the model? (all True without a model, all
-        False while the configured model is unusable, as in ``compute_scores``)."""
+    def _entry_symbols(self, date: str) -> np.ndarray:
+        """Per bar and symbol ([T, S]): may an entry signal there survive the model? (the
+        rule candidates without a model; none while the configured model is unusable, as in
+        ``compute_scores``)."""
         rt = self._rt
         if rt.models is not None and rt.models.problem is not None:
-            return np.zeros(self._days[date].n_bars, dtype=bool)
+            return np.zeros_like(self._symbol_signals[date])
         predictor = self._predictor()
         if predictor is None or not _exact(predictor):
-            return self._signals[date]
+            return self._symbol_signals[date]
         key = (date, str(predictor.version))
         ok = self._model_entries.get(key)
         if ok is None:
-            ok = self._model_entries[key] = self._scored_entry_bars(date, predictor)
+            ok = self._model_entries[key] = self._scored_entry_symbols(date, predictor)
         return ok
 
-    def _scored_entry_bars(self, date: str, predictor: Any) -> np.ndarray:
-        """Bars where some candidate (symbol, side, strategy) scores at or above the entry
+    def _scored_entry_symbols(self, date: str, predictor: Any) -> np.ndarray:
+        """Candidates (bar, symbol) where some side and strategy scores at or above the entry
         threshold: the same features (``entry_features_all``, bit-identical row by row to
         what ``score_signals`` computes at that bar) and the same model."""
         from ml.dataset import entry_model_rows, strategy_id
 
         data = self._days[date]
-        ts, ss = np.nonzero(self._symbol_signals[date])
-        out = np.zeros(data.n_bars, dtype=bool)
+        cand = self._symbol_signals[date]
+        ts, ss = np.nonzero(cand)
+        out = np.zeros_like(cand)
         if ts.size == 0:
             return out
         feats = self._session_features(date)[ts, ss]
@@ -237,23 +241,50 @@ class BarPlanner:
             p = np.asarray(predictor.predict_entry(rows), dtype=float)
         except Exception:  # the bar-by-bar path logs it; here: plan every candidate bar
             log.exception("entry model failed ahead of the backtest; scoring every candidate")
-            return self._signals[date]
+            return cand
         hit = np.isfinite(p) & (p >= self._rt.settings.ml_entry_threshold)
-        out[np.tile(ts, len(combos))[hit]] = True
+        out[np.tile(ts, len(combos))[hit], np.tile(ss, len(combos))[hit]] = True
+        return out
+
+    def _blocked(self, date: str, day: dt.date, positions: dict[str, Position],
+                 orders: list[Any]) -> np.ndarray:
+        """Per symbol: True where ``decide`` skips every signal (a position or a working
+        order in the symbol, or both sides already entered today)."""
+        index = self._index[date]
+        out = np.zeros(len(index), dtype=bool)
+        for sym in {*positions, *(o.symbol for o in orders)}:
+            if sym in index:
+                out[index[sym]] = True
+        sides: dict[str, int] = {}
+        for raw in self._rt.redis.smembers(self._rt.keys.entries(day)):
+            sym, _, side = raw.decode().rpartition(":")
+            if side in ("buy", "sell"):
+                sides[sym] = sides.get(sym, 0) + 1
+        for sym, n in sides.items():
+            if n >= 2 and sym in index:
+                out[index[sym]] = True
         return out
 
     def _can_enter(self, date: str, day: dt.date, bar: int, positions: dict[str, Position],
                    orders: list[Any]) -> bool:
         """False only when ``decide`` cannot size any entry at this bar."""
         p = self._p
-        if bar >= self._eod[date][0] or not self._entry_bars(date)[bar]:
-            return False  # the no-entry window, or no signal can pass at this bar
+        if bar >= self._eod[date][0]:
+            return False  # the no-entry window
+        cand = self._entry_symbols(date)[bar]
+        if not cand.any():
+            return False  # no signal can pass at this bar
         if len(set(positions) | {o.symbol for o in orders}) >= p.limits.max_open_positions:
             return False
         remaining = p.limits.daily_limit_cents - self._rt.limits.used(day)
+        if remaining <= 0:
+            return False
+        open_ = cand & ~self._blocked(date, day, positions, orders)
         # an entry's price is its close rounded to 1/100 cent, and the size cap divides the
-        # remaining cents by at least that price: below one share of the cheapest, qty is 0
-        return remaining > 0 and remaining + 1 >= (float(self._cheapest[date][bar]) - 0.0001) * 100
+        # remaining cents by at least that price: below one share of its close, qty is 0
+        with np.errstate(invalid="ignore"):
+            sizable = remaining + 1 >= (self._days[date].ohlcv[bar, :, CLOSE] - 0.0001) * 100
+        return bool((open_ & sizable).any())
 
     def _loss_reachable(self, data: DayBars, day: dt.date,
                         positions: dict[str, Position]) -> np.ndarray:
@@ -431,16 +462,6 @@ def _exact(predictor: Any) -> bool:
     """Scores this process can reproduce ahead of time bit for bit: XGBoost on the CPU."""
     return (getattr(predictor, "backend", "") == "xgboost"
             and str(getattr(predictor, "device", "")) == "cpu")
-
-
-def cheapest_closes(day: DayBars) -> np.ndarray:
-    """Per bar, the lowest usable close over the universe (US dollars; inf when none)."""
-    close = day.ohlcv[:, :, CLOSE]
-    with np.errstate(invalid="ignore"):
-        usable = np.isfinite(close) & (close > 0)
-    if close.shape[1] == 0:
-        return np.full(close.shape[0], np.inf)
-    return np.where(usable, close, np.inf).min(axis=1)
 
 
 def progress_line(done: int, total: int, label: str) -> None:
