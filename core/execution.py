@@ -97,12 +97,6 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
     base = {"client_order_id": coid, "symbol": intent.symbol}
     if intent.intent != "entry" or intent.qty <= 0 or intent.limit_price is None:
         return {**base, "status": "invalid", "reason": "submit_order takes sized entries only"}
-    if known := _existing(rt, base):
-        return known
-    refusal = entry_refusal(rt, intent)
-    if refusal:
-        log.info("entry refused: %s", refusal, extra=base)
-        return {**base, "status": "refused", "reason": refusal}
     stop = None
     if rt.settings.protective_stop:  # the stop-loss travels with the entry (OTO) to the broker
         from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -117,10 +111,16 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
         order_type="limit", limit_price=intent.limit_price, time_in_force=tif,
         intent="entry", reason=intent.reason, strategy=intent.strategy,
         confidence=intent.confidence, stop_price=stop)
+    # one lookup, under the lock: an order the broker already has (a redelivery or a retry
+    # after a lost answer) is reported, never refused or sent again
     lock = _acquire(rt, coid)
     try:
         if known := _existing(rt, base):
             return known
+        refusal = entry_refusal(rt, intent)
+        if refusal:
+            log.info("entry refused: %s", refusal, extra=base)
+            return {**base, "status": "refused", "reason": refusal}
         broker_says = rt.broker.entry_check(request)
         if broker_says:
             log.info("entry refused before sending: %s", broker_says, extra=base)
@@ -182,10 +182,8 @@ def close_position(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 def close_symbol(rt: Runtime, symbol: str, coid: str, reason: str) -> dict[str, Any]:
     """Send the order that closes ``symbol``'s whole position, once per client_order_id."""
     base = {"client_order_id": coid, "symbol": symbol}
-    if known := _existing(rt, base):
-        return known
     lock = _acquire(rt, coid)
-    try:
+    try:  # one lookup, under the lock (see _submit_entry)
         if known := _existing(rt, base):
             return known
         try:

@@ -128,8 +128,9 @@ def test_execution_answers_a_duplicate_by_lookup(broker, fake, redis_url, redis_
     fake.fill_mode = "none"
     first = execution.submit_order(rt, payload)
     assert first["status"] == "accepted"
-    # the next two lookups miss (a stale read), so the order is sent again: Alpaca says 422
-    fake.fail(404, "order not found", times=2, method="GET", path="by_client_order_id")
+    # the lookup under the order's lock misses (a stale read), so the order is sent again:
+    # Alpaca says 422, and the lookup after the 422 finds it
+    fake.fail(404, "order not found", times=1, method="GET", path="by_client_order_id")
     again = execution.submit_order(rt, payload)
     assert again["status"] == "accepted" and again["qty"] == 10
     assert [r.status for r in fake.seen("POST", r"^/v2/orders$")] == [200, 422]
