@@ -56,6 +56,10 @@ def _num(raw: bytes | None) -> float | None:
         return None
 
 
+class UnsupportedCommand(AttributeError, NotImplementedError):
+    """A Redis command the stand-in does not implement (``hasattr`` answers False)."""
+
+
 class _NoLock:
     """redis-py's ``Lock`` for one process: always acquired."""
 
@@ -303,7 +307,7 @@ class MemoryRedis:
         return True
 
     def __getattr__(self, name: str) -> Any:
-        raise NotImplementedError(f"MemoryRedis has no command {name!r}")
+        raise UnsupportedCommand(f"MemoryRedis has no command {name!r}")
 
 
 class _Pipeline:

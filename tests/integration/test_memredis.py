@@ -198,6 +198,7 @@ def test_unknown_scripts_and_commands_are_refused() -> None:
         mem.register_script("return 1")
     with pytest.raises(NotImplementedError):
         mem.zadd("z", {"a": 1})
+    assert not hasattr(mem, "zadd") and hasattr(mem, "hgetall")  # probing stays safe
 
 
 def test_every_script_of_the_backtest_path_has_a_twin() -> None:
