@@ -82,3 +82,23 @@ def test_the_planners_window_bars_match_the_decisions_check() -> None:
                 day.bar_time(b) + dt.timedelta(seconds=day.bar_seconds), day.close_time,
                 minutes)), day.n_bars)
             assert first_bar_in_window(day, minutes) == scan, (day.date, minutes)
+
+
+def test_fast_path_equals_the_cluster_path_through_halts_and_an_overnight_position(
+        redis_client: Any, redis_url: str) -> None:
+    """Every symbol halted for the last hour of day 1 (the EOD exits cannot fill, so a
+    position stays overnight and closes as stale the next day) and a mid-day halt."""
+    import numpy as np
+
+    days = generate_days(next_sessions(dt.date(2025, 11, 3), 3), [f"S{i:02d}" for i in range(30)],
+                         seed=11)
+    first = days[0]
+    ohlcv = first.ohlcv.copy()
+    ohlcv[-60:, :] = np.nan
+    ohlcv[100:140, 20:25] = np.nan
+    days[0] = DayBars(date=first.date, symbols=first.symbols, open_time=first.open_time,
+                      close_time=first.close_time, bar_seconds=first.bar_seconds, ohlcv=ohlcv)
+    slow, fast = _both(days, redis_url, daily_position_limit=50000)
+    _same(slow, fast)
+    assert fast.day_stats[0]["open_positions_at_close"] > 0
+    assert "stale_position" in {t["exit_reason"] for t in fast.trades}
