@@ -529,12 +529,12 @@ def test_many_files_load_the_same_in_forked_readers_and_here(tmp_path: Path,
                                                              ) -> None:
     import numpy as np
 
-    from core.market import files
+    from core.market import bar_parse, files
 
     folder = _many(tmp_path)
     calls: list[int] = []
     parallel = files.load_days(folder, meanwhile=lambda: calls.append(1))
-    monkeypatch.setattr(files, "_PARALLEL_MIN_FILES", 10_000)  # one process
+    monkeypatch.setattr(bar_parse, "_PARALLEL_MIN_FILES", 10_000)  # one process
     serial = files.load_days(folder, meanwhile=lambda: calls.append(2))
     assert calls == [1, 2]  # once each time
     assert [d.date for d in parallel] == [d.date for d in serial]
@@ -549,14 +549,14 @@ def test_a_bad_file_among_many_is_named_as_when_read_here(tmp_path: Path,
     import gzip
 
     from core.errors import BarDataError
-    from core.market import files
+    from core.market import bar_parse, files
 
     folder = _many(tmp_path)
     for name in ("M07_1min.csv.gz", "M03_1min.csv.gz"):
         (folder / name).write_bytes(gzip.compress(b"time,sym,o,h,l,c,v\n1,2,3,4,5,6,7\n"))
     with pytest.raises(BarDataError) as parallel:
         files.load_days(folder)
-    monkeypatch.setattr(files, "_PARALLEL_MIN_FILES", 10_000)
+    monkeypatch.setattr(bar_parse, "_PARALLEL_MIN_FILES", 10_000)
     with pytest.raises(BarDataError) as serial:
         files.load_days(folder)
     assert "M03_1min.csv.gz" in str(parallel.value)  # the first bad one in symbol order
