@@ -29,7 +29,6 @@ be at Alpaca).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import re
@@ -42,6 +41,8 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
+
+from tests.fakes.alpaca_stream import FakeTradeStream
 
 UTC = dt.UTC
 _WORKING = {"new", "accepted", "pending_new", "partially_filled", "held", "pending_cancel"}
@@ -701,112 +702,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._do("PATCH")
-
-
-class FakeTradeStream:
-    """Alpaca's trade_updates WebSocket: authenticate, listen, then events."""
-
-    def __init__(self, fake: FakeAlpaca) -> None:
-        self.fake = fake
-        self.refuse = False
-        self.connections = 0  # successful authentications so far
-        self._clients: set[Any] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/stream"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fake-alpaca-ws", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("fake stream server did not start")
-
-    def _run(self) -> None:
-        from websockets.asyncio.server import serve
-
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self._queue: asyncio.Queue[str] = asyncio.Queue()
-            sender = asyncio.create_task(self._sender())
-            async with serve(self._conn, "127.0.0.1", 0) as server:
-                self._server = server
-                self.port = next(iter(server.sockets)).getsockname()[1]
-                self._ready.set()
-                await self._stop.wait()
-            sender.cancel()
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(5)
-
-    async def _conn(self, ws: Any) -> None:
-        if self.refuse:
-            await ws.close(1013, "try again later")
-            return
-        try:
-            raw = await asyncio.wait_for(ws.recv(), 10)
-            msg = json.loads(raw)
-            data = msg.get("data") or {}
-            key = data.get("key_id") or msg.get("key")
-            secret = data.get("secret_key") or msg.get("secret")
-            ok = key == self.fake.key and secret == self.fake.secret
-            await ws.send(json.dumps({"stream": "authorization", "data": {
-                "status": "authorized" if ok else "unauthorized",
-                "action": "authenticate"}}))
-            if not ok:
-                await ws.close()
-                return
-            self.connections += 1
-            raw = await asyncio.wait_for(ws.recv(), 10)
-            streams = (json.loads(raw).get("data") or {}).get("streams") or []
-            await ws.send(json.dumps({"stream": "listening", "data": {"streams": streams}}))
-            if "trade_updates" in streams:
-                self._clients.add(ws)
-            async for _ in ws:
-                pass
-        except Exception:
-            pass
-        finally:
-            self._clients.discard(ws)
-
-    def publish(self, msg: dict[str, Any]) -> None:
-        """Send an event to every listening client now (lost when none listens)."""
-        if self._loop is None or self.refuse:
-            return
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, json.dumps(msg))
-
-    async def _sender(self) -> None:
-        """One sender, so clients get the events in the order they happened."""
-        while True:
-            text = await self._queue.get()
-            for ws in list(self._clients):
-                try:
-                    await ws.send(text)
-                except Exception:
-                    self._clients.discard(ws)
-
-    def listening(self) -> int:
-        return len(self._clients)
-
-    def drop(self) -> None:
-        """Cut every connection abruptly (no close handshake)."""
-        if self._loop is None:
-            return
-
-        def cut() -> None:
-            for ws in list(self._clients):
-                ws.transport.abort()
-            self._clients.clear()
-
-        self._loop.call_soon_threadsafe(cut)

@@ -17,7 +17,6 @@ managers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -28,6 +27,8 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 from zoneinfo import ZoneInfo
+
+from tests.fakes.ws import ThreadedWsServer
 
 NY = ZoneInfo("America/New_York")
 UTC = dt.UTC
@@ -259,20 +260,18 @@ class AlpacaDataServer(_HttpFake):
         return 200, {"bars": bars, "next_page_token": nxt}
 
 
-class PolygonStreamServer:
+class PolygonStreamServer(ThreadedWsServer):
     """Polygon's stocks WebSocket protocol on ``ws://127.0.0.1:PORT/stocks``."""
 
+    name = "polygon-ws"
+
     def __init__(self, api_key: str = "test-key") -> None:
+        super().__init__()
         self.api_key = api_key
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = None
-        self._thread: threading.Thread | None = None
         self._conns: dict[object, dict] = {}  # connection -> {"subs": set, "silent": bool}
-        self.port = 0
         self.connections_total = 0
         self.subscribed_total = 0
         self.auth_failures = 0
-        self._ready = threading.Event()
 
     @property
     def url(self) -> str:
@@ -322,58 +321,6 @@ class PolygonStreamServer:
         finally:
             self._conns.pop(conn, None)
 
-    def _run(self) -> None:
-        from websockets.asyncio.server import serve
-
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-
-        async def main() -> None:
-            self._server = await serve(self._handler, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._server.serve_forever()
-
-        try:
-            loop.run_until_complete(main())
-        except (asyncio.CancelledError, RuntimeError):
-            pass
-        finally:
-            loop.close()
-
-    def start(self) -> PolygonStreamServer:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="polygon-ws")
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("fake Polygon stream did not start")
-        return self
-
-    def _call(self, coro, timeout: float = 5.0):
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-
-        async def shutdown() -> None:
-            for conn in list(self._conns):
-                conn.transport.abort()
-            self._server.close()
-
-        with contextlib.suppress(Exception):
-            self._call(shutdown())
-        if self._thread is not None:
-            self._thread.join(5)
-        self._loop = None
-
-    def __enter__(self) -> PolygonStreamServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # test controls ---------------------------------------------------------------------
     def subscribed_symbols(self) -> set[str]:
         """Subscriptions of the live (authed) connections."""
@@ -415,17 +362,8 @@ class PolygonStreamServer:
 
         self._call(go())
 
-    def drop(self) -> None:
-        """Abort every connection (the client sees an abnormal closure, code 1006)."""
 
-        async def go() -> None:
-            for conn in list(self._conns):
-                conn.transport.abort()
-
-        self._call(go())
-
-
-class AlpacaStreamServer:
+class AlpacaStreamServer(ThreadedWsServer):
     """Alpaca's market-data stream (msgpack frames) on ``ws://127.0.0.1:PORT/v2/iex``.
 
     ``[{"T":"success","msg":"connected"}]``, ``auth`` with key and secret
@@ -434,15 +372,13 @@ class AlpacaStreamServer:
     "o","h","l","c","v","n","vw"}``. It can drop every connection.
     """
 
+    name = "alpaca-ws"
+
     def __init__(self, key: str = "ak", secret: str = "as") -> None:
+        super().__init__()
         self.key, self.secret = key, secret
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = None
-        self._thread: threading.Thread | None = None
         self._conns: dict[object, set[str]] = {}
-        self.port = 0
         self.connections_total = 0
-        self._ready = threading.Event()
 
     @property
     def url(self) -> str:
@@ -480,55 +416,6 @@ class AlpacaStreamServer:
         finally:
             self._conns.pop(conn, None)
 
-    def _run(self) -> None:
-        from websockets.asyncio.server import serve
-
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-
-        async def main() -> None:
-            self._server = await serve(self._handler, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._server.serve_forever()
-
-        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
-            loop.run_until_complete(main())
-        loop.close()
-
-    def start(self) -> AlpacaStreamServer:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="alpaca-ws")
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("fake Alpaca stream did not start")
-        return self
-
-    def _call(self, coro, timeout: float = 5.0):
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-
-        async def shutdown() -> None:
-            for conn in list(self._conns):
-                conn.transport.abort()
-            self._server.close()
-
-        with contextlib.suppress(Exception):
-            self._call(shutdown())
-        if self._thread is not None:
-            self._thread.join(5)
-        self._loop = None
-
-    def __enter__(self) -> AlpacaStreamServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def subscribed(self) -> set[str]:
         out: set[str] = set()
         for subs in list(self._conns.values()):
@@ -551,12 +438,5 @@ class AlpacaStreamServer:
                 if frame:
                     with contextlib.suppress(Exception):
                         await conn.send(msgpack.packb(frame))
-
-        self._call(go())
-
-    def drop(self) -> None:
-        async def go() -> None:
-            for conn in list(self._conns):
-                conn.transport.abort()
 
         self._call(go())
