@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from core import execution
 from core.config import load_settings
@@ -26,6 +29,49 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def eager_tasks(monkeypatch: Any, redis_url: str, run_id: str,
+                **env: str) -> Iterator[Runtime]:
+    """The tasks run eagerly in this process on a fresh runtime: simulated mode on the test
+    Redis, 40 synthetic symbols, run ``run_id``, plus ``env`` (TRADING_* variables); the
+    Celery app and the cached settings are restored afterwards."""
+    from core.config import get_settings
+    from tasks import app
+    from tasks.runtime import get_runtime, reset_runtime
+
+    monkeypatch.setenv("TRADING_REDIS_URL", redis_url)
+    monkeypatch.setenv("TRADING_SIM_RUN_ID", run_id)
+    monkeypatch.setenv("TRADING_SIM_SYNTHETIC_SYMBOLS", "40")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRADING_SIM_DATA", raising=False)
+    get_settings.cache_clear()
+    reset_runtime()
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    try:
+        yield get_runtime()
+    finally:
+        app.conf.task_always_eager = False
+        app.conf.task_eager_propagates = False
+        get_settings.cache_clear()
+        reset_runtime()
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGINT,
+                 wait_s: float = 60) -> None:
+    """Stop ``proc`` with ``sig`` if it still runs; kill it when it has not ended after
+    ``wait_s`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def step(rt: Runtime) -> list:

@@ -32,7 +32,7 @@ import pytest
 
 from core.cluster import free_port, redis_answers, redis_server_binary
 from tests.conftest import REPO
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -128,13 +128,7 @@ def flower_sim(tmp_path: Path, extra_env: dict[str, str] | None = None,
         wait_for(flower_up, 90, "Flower to answer")
         yield sim
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, signal.SIGINT, 90)
         server.terminate()
         server.wait(10)
 

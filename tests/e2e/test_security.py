@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import uuid
@@ -27,7 +28,7 @@ from redis import Redis
 
 from tests.conftest import REPO
 from tests.e2e.test_flower_browser import CHAIN, CHROMIUM, chromium_dom, flower_sim, start_redis
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,12 +57,7 @@ def exec_worker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         wait_for(ready, 60, "the exec worker")
         yield url, log
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(5)
+        stop_process(worker, signal.SIGTERM, 20)
         server.terminate()
         server.wait(10)
 

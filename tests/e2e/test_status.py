@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -15,7 +14,7 @@ from redis import Redis
 
 from core.cluster import free_port, redis_answers, redis_server_binary
 from tests.conftest import REPO
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = os.path.dirname(sys.executable)
@@ -83,11 +82,6 @@ def test_status_and_metrics_of_a_running_day(tmp_path) -> None:
         assert 'daytrader_tick_stage_ms{stage="score_ms"}' in body
     finally:
         for proc in (metrics, sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc)
         server.terminate()
         server.wait(10)

@@ -10,10 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from core.alerts import Alerter
-from core.config import get_settings
-from tasks import app, trading
-from tasks.runtime import get_runtime, reset_runtime
-from tests.helpers import wait_for
+from tasks import trading
+from tests.helpers import eager_tasks, wait_for
 
 
 @pytest.fixture
@@ -60,18 +58,8 @@ def test_dead_webhook_is_harmless(redis_client) -> None:
 def test_cluster_alerts_on_fills_and_the_kill_switch(redis_client, redis_url, monkeypatch,
                                                       hook) -> None:
     url, got = hook
-    monkeypatch.setenv("TRADING_REDIS_URL", redis_url)
-    monkeypatch.setenv("TRADING_SIM_RUN_ID", "alerts")
-    monkeypatch.setenv("TRADING_SIM_SYNTHETIC_SYMBOLS", "40")
-    monkeypatch.setenv("TRADING_ALERT_WEBHOOK_URL", url)
-    monkeypatch.setenv("TRADING_ALERT_MAX_PER_MINUTE", "200")
-    monkeypatch.delenv("TRADING_SIM_DATA", raising=False)
-    get_settings.cache_clear()
-    reset_runtime()
-    app.conf.task_always_eager = True
-    app.conf.task_eager_propagates = True
-    try:
-        rt = get_runtime()
+    with eager_tasks(monkeypatch, redis_url, "alerts", TRADING_ALERT_WEBHOOK_URL=url,
+                     TRADING_ALERT_MAX_PER_MINUTE="200") as rt:
         for _ in range(120):
             trading.tick.delay().get()
             if rt.broker.get_positions():
@@ -82,8 +70,3 @@ def test_cluster_alerts_on_fills_and_the_kill_switch(redis_client, redis_url, mo
         fills = [g["text"] for g in got if g["text"].startswith("[daytrader fill]")]
         assert fills and "entry" in fills[0]
         assert all("secret" not in g["text"].lower() for g in got)
-    finally:
-        app.conf.task_always_eager = False
-        app.conf.task_eager_propagates = False
-        get_settings.cache_clear()
-        reset_runtime()

@@ -147,6 +147,14 @@ def make_feed(redis_client, store, rest, ws, symbols, clock, config=FAST, key=KE
                        config, clock)
 
 
+def two_symbols(rest, n_bars: int = 30) -> tuple[tuple[str, str], FakeClock]:
+    """AAPL and MSFT with REST bars 0..n_bars-1 of DAY, and a clock at 10:00:30."""
+    symbols = ("AAPL", "MSFT")
+    for i, s in enumerate(symbols):
+        rest.add_bars(s, rest_bars(i, OPEN, range(n_bars)))
+    return symbols, FakeClock(at(DAY, 10, 0, 30))
+
+
 # --- pure parts --------------------------------------------------------------------------
 
 
@@ -289,10 +297,7 @@ def test_bad_key_is_a_failure_not_an_empty_day(store, rest) -> None:
 
 
 def test_stream_minutes_are_appended_in_order_with_grace(redis_client, store, rest, ws) -> None:
-    symbols = ("AAPL", "MSFT")
-    for i, s in enumerate(symbols):
-        rest.add_bars(s, rest_bars(i, OPEN, range(30)))
-    clock = FakeClock(at(DAY, 10, 0, 30))
+    symbols, clock = two_symbols(rest)
     feed = make_feed(redis_client, store, rest, ws, symbols, clock)
     with FeedRunner(feed) as run:
         wait_for(lambda: len(stored(store)) == 30 and feed.connected, 10, "backfill + subscribe")
@@ -326,10 +331,7 @@ def test_stream_minutes_are_appended_in_order_with_grace(redis_client, store, re
 
 def test_dropped_socket_reconnects_and_the_gap_is_backfilled(redis_client, store, rest,
                                                              ws) -> None:
-    symbols = ("AAPL", "MSFT")
-    for i, s in enumerate(symbols):
-        rest.add_bars(s, rest_bars(i, OPEN, range(30)))
-    clock = FakeClock(at(DAY, 10, 0, 30))
+    symbols, clock = two_symbols(rest)
     feed = make_feed(redis_client, store, rest, ws, symbols, clock)
     with FeedRunner(feed) as run:
         wait_for(lambda: len(stored(store)) == 30 and feed.connected, 10, "start")
@@ -357,10 +359,7 @@ def test_dropped_socket_reconnects_and_the_gap_is_backfilled(redis_client, store
 
 def test_silent_socket_is_detected_within_the_configured_seconds(redis_client, store, rest,
                                                                   ws) -> None:
-    symbols = ("AAPL", "MSFT")
-    for i, s in enumerate(symbols):
-        rest.add_bars(s, rest_bars(i, OPEN, range(31)))
-    clock = FakeClock(at(DAY, 10, 0, 30))
+    symbols, clock = two_symbols(rest, 31)
     cfg = FeedConfig(**{**FAST.__dict__, "silent_s": 1.0})
     feed = make_feed(redis_client, store, rest, ws, symbols, clock, config=cfg)
     with FeedRunner(feed) as run:
@@ -491,10 +490,7 @@ def test_alpaca_stream_and_rest_fill_the_store_and_survive_a_drop(redis_client, 
 def test_run_feed_forever_feeds_today_under_the_lock(redis_client, store, rest, ws) -> None:
     from core.market.feed import feed_status_key, run_feed_forever
 
-    symbols = ("AAPL", "MSFT")
-    for i, s in enumerate(symbols):
-        rest.add_bars(s, rest_bars(i, OPEN, range(30)))
-    clock = FakeClock(at(DAY, 10, 0, 30))
+    symbols, clock = two_symbols(rest)
     lock = FeedLock(redis_client, feed_lock_key(Keys()), ttl_s=30, source="polygon")
     lock.acquire()
     stop = threading.Event()

@@ -8,25 +8,15 @@ import json
 import pytest
 
 from core.config import get_settings
-from tasks import app, trading
-from tasks.runtime import get_runtime, reset_runtime
+from tasks import trading
+from tasks.runtime import reset_runtime
+from tests.helpers import eager_tasks
 
 
 @pytest.fixture
 def eager(redis_client, redis_url, monkeypatch):
-    monkeypatch.setenv("TRADING_REDIS_URL", redis_url)
-    monkeypatch.setenv("TRADING_SIM_RUN_ID", "eager")
-    monkeypatch.setenv("TRADING_SIM_SYNTHETIC_SYMBOLS", "40")
-    monkeypatch.delenv("TRADING_SIM_DATA", raising=False)
-    get_settings.cache_clear()
-    reset_runtime()
-    app.conf.task_always_eager = True
-    app.conf.task_eager_propagates = True
-    yield get_runtime()
-    app.conf.task_always_eager = False
-    app.conf.task_eager_propagates = False
-    get_settings.cache_clear()
-    reset_runtime()
+    with eager_tasks(monkeypatch, redis_url, "eager") as rt:
+        yield rt
 
 
 def run_ticks(n: int) -> list[dict]:
