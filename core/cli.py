@@ -232,19 +232,18 @@ def run_backtest_cmd(args: argparse.Namespace) -> int:
     # a forked process beside the main pass when there are two cores
     global _FORK_DAYS
     _FORK_DAYS = days
-    baselines = {"random entries": settings.model_copy(
-        update={"sim_run_id": run_id + "-random", "strategies": ("random",)})}
-    if not args.no_ml:
-        baselines = {"rules only": settings.model_copy(
-            update={"sim_run_id": run_id + "-rules"}), **baselines}
+    from core.backtest import run_backtest
     from core.forking import fork_pool
 
     with fork_pool(1) as pool:
-        pending = {name: pool.submit(_baseline_pass, s) for name, s in baselines.items()}
-        main, used_model = _backtest_pass(settings, days, args.no_ml,
-                                          None if args.quiet else progress_line)
-        if not used_model:
-            pending.pop("rules only", None)  # no model: rules only is the main run
+        # the worker forks at the first submit, before this process loads a model
+        pending = {"random entries": pool.submit(_baseline_pass, settings.model_copy(
+            update={"sim_run_id": run_id + "-random", "strategies": ("random",)}))}
+        rt, used_model = _backtest_runtime(settings, args.no_ml)
+        if used_model:  # without a model the main run is the rules-only one
+            pending = {"rules only": pool.submit(_baseline_pass, settings.model_copy(
+                update={"sim_run_id": run_id + "-rules"})), **pending}
+        main = run_backtest(rt, settings, days, None if args.quiet else progress_line)
         done = {name: f.result() for name, f in pending.items()}
     _FORK_DAYS = None
     summary = summarize(
@@ -274,9 +273,11 @@ _FORK_DAYS: list[Any] | None = None  # the loaded days, inherited by forked base
 
 def _baseline_pass(settings: Any) -> Any:
     """A rules-only pass over the loaded days (run in a forked worker, or inline)."""
+    from core.backtest import run_backtest
+
     if _FORK_DAYS is None:
         raise RuntimeError("no days loaded for the baseline pass")
-    return _backtest_pass(settings, _FORK_DAYS, True)[0]
+    return run_backtest(_backtest_runtime(settings, True)[0], settings, _FORK_DAYS)
 
 
 def _print_coverage(days: list[Any]) -> None:
@@ -291,11 +292,9 @@ def _print_coverage(days: list[Any]) -> None:
                   f"({', '.join(missing[:5])}{more}): not traded then", file=sys.stderr)
 
 
-def _backtest_pass(settings: Any, days: list[Any], no_ml: bool,
-                   progress: Any = None) -> tuple[Any, str | None]:
-    """One backtest over ``days`` on its own in-memory runtime; returns the run and the
-    model version it used (None: rules only)."""
-    from core.backtest import run_backtest
+def _backtest_runtime(settings: Any, no_ml: bool) -> tuple[Any, str | None]:
+    """An in-memory runtime for one backtest pass and the model version it will use (None:
+    rules only); a configured model that cannot be used stops the backtest."""
     from core.runtime import build_memory_runtime
 
     rt = build_memory_runtime(settings)
@@ -307,7 +306,7 @@ def _backtest_pass(settings: Any, days: list[Any], no_ml: bool,
         if rt.models.problem:
             raise ConfigError(f"cannot backtest with the model: {rt.models.problem}")
         used = predictor.version if predictor is not None else None
-    return run_backtest(rt, settings, days, progress), used
+    return rt, used
 
 
 def _stats(run: Any, settings: Any) -> dict[str, Any]:

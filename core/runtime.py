@@ -121,13 +121,10 @@ def _alpaca_runtime(settings: Settings, redis: Redis, keys: Keys, bar_store: Red
                                         url_override=settings.alpaca_base_url)
     if settings.clock == "replay":
         broker._now = functools.partial(replay_time, replay)
-    breaker = RedisCircuitBreaker(redis, keys, BreakerConfig(
-        failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
-        cooldown_s=settings.breaker_cooldown_s))
     return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
                    replay=replay, broker=broker,  # type: ignore[arg-type]
                    limits=RedisDailyLimitStore(redis, keys), window=BarWindow(bar_store),
-                   breaker=breaker,
+                   breaker=_breaker(settings, redis, keys),
                    **_models_and_alerts(settings, redis, keys))
 
 
@@ -164,21 +161,13 @@ def build_runtime(settings: Settings) -> Runtime:
     replay = RedisReplay(redis, keys, bar_store)
     if settings.mode != "sim":
         return _alpaca_runtime(settings, redis, keys, bar_store, replay)
-    model = _fill_model(settings)
-    starting = int(settings.sim_starting_cash * 100)
-    broker = SimulatedBroker(redis, keys, replay, model, starting_cash_cents=starting,
-                             margin_multiplier=settings.sim_margin_multiplier,
-                             hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()),
-                             protective_stops=settings.protective_stop)
+    broker = _sim_broker(settings, redis, keys, replay)
     faults = parse_faults(settings.sim_faults)
     if faults:
         broker = FaultyBroker(broker, redis, keys, faults)  # type: ignore[assignment]
-    breaker = RedisCircuitBreaker(redis, keys, BreakerConfig(
-        failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
-        cooldown_s=settings.breaker_cooldown_s))
     return Runtime(settings=settings, redis=redis, keys=keys, bar_store=bar_store,
                    replay=replay, broker=broker, limits=RedisDailyLimitStore(redis, keys),
-                   window=BarWindow(bar_store), breaker=breaker,
+                   window=BarWindow(bar_store), breaker=_breaker(settings, redis, keys),
                    **_models_and_alerts(settings, redis, keys))
 
 
@@ -212,11 +201,7 @@ def build_memory_runtime(settings: Settings) -> Runtime:
     keys = Keys.for_mode(settings.mode, settings.sim_run_id)
     bar_store = RedisBarStore(redis, keys)  # type: ignore[arg-type]
     replay = RedisReplay(redis, keys, bar_store)  # type: ignore[arg-type]
-    broker = SimulatedBroker(redis, keys, replay, _fill_model(settings),  # type: ignore[arg-type]
-                             starting_cash_cents=int(settings.sim_starting_cash * 100),
-                             margin_multiplier=settings.sim_margin_multiplier,
-                             hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()),
-                             protective_stops=settings.protective_stop)
+    broker = _sim_broker(settings, redis, keys, replay)  # type: ignore[arg-type]
     models = _models_and_alerts(settings, redis, keys)  # type: ignore[arg-type]
     models["alerts"] = None  # a backtest pages nobody
     return Runtime(settings=settings, redis=redis, keys=keys,  # type: ignore[arg-type]
@@ -227,12 +212,25 @@ def build_memory_runtime(settings: Settings) -> Runtime:
                    **models)
 
 
-def _fill_model(settings: Settings) -> FillModel:
-    """The simulated market's costs and delays from the ``TRADING_SIM_*`` settings."""
-    return FillModel(slippage_bps=settings.sim_slippage_bps,
-                     fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
-                     latency_bars=settings.sim_latency_bars,
-                     max_participation=settings.sim_max_participation)
+def _sim_broker(settings: Settings, redis: Redis, keys: Keys,
+                replay: RedisReplay) -> SimulatedBroker:
+    """The simulated broker with the ``TRADING_SIM_*`` costs, delays and account."""
+    model = FillModel(slippage_bps=settings.sim_slippage_bps,
+                      fee_per_share=settings.sim_fee_per_share, fee_min=settings.sim_fee_min,
+                      latency_bars=settings.sim_latency_bars,
+                      max_participation=settings.sim_max_participation)
+    return SimulatedBroker(redis, keys, replay, model,
+                           starting_cash_cents=int(settings.sim_starting_cash * 100),
+                           margin_multiplier=settings.sim_margin_multiplier,
+                           hard_to_borrow=frozenset(settings.sim_hard_to_borrow or ()),
+                           protective_stops=settings.protective_stop)
+
+
+def _breaker(settings: Settings, redis: Redis, keys: Keys) -> RedisCircuitBreaker:
+    """The shared circuit breaker of broker calls (``TRADING_BREAKER_*``)."""
+    return RedisCircuitBreaker(redis, keys, BreakerConfig(
+        failure_threshold=settings.breaker_failures, window_s=settings.breaker_window_s,
+        cooldown_s=settings.breaker_cooldown_s))
 
 
 def drop_namespace(redis: Redis, prefix: str) -> int:

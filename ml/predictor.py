@@ -310,19 +310,17 @@ def score_signals(predictor: Predictor, window: Any, symbols: Sequence[str],
         return np.zeros(0)
     index = {s: i for i, s in enumerate(symbols)}
     if features is not None:
-        rows = entry_model_rows(features[[index[s.symbol] for s in signals]],
-                                [1 if s.side == "buy" else -1 for s in signals],
-                                [strategy_id(s.source) for s in signals])
-        return predictor.predict_entry(rows)
-    # features of the signalled symbols only (each symbol's features use its own bars):
-    # one batch, a fraction of the universe's cost
-    cols = sorted({index[s.symbol] for s in signals})
-    where = {c: k for k, c in enumerate(cols)}
-    # the all-bars form's last row: bit-identical to the same row of a whole session's
-    # features (training computes those, and the backtester precomputes them)
-    feats = _to_numpy(entry_features_all(window[:, cols], bar_seconds, xp)[-1])
-    rows = entry_model_rows(feats[[where[index[s.symbol]] for s in signals]],
-                            [1 if s.side == "buy" else -1 for s in signals],
+        picked = features[[index[s.symbol] for s in signals]]
+    else:
+        # features of the signalled symbols only (each symbol's features use its own bars):
+        # one batch, a fraction of the universe's cost; the all-bars form's last row is
+        # bit-identical to the same row of a whole session's features (training computes
+        # those, and the backtester precomputes them)
+        cols = sorted({index[s.symbol] for s in signals})
+        where = {c: k for k, c in enumerate(cols)}
+        feats = _to_numpy(entry_features_all(window[:, cols], bar_seconds, xp)[-1])
+        picked = feats[[where[index[s.symbol]] for s in signals]]
+    rows = entry_model_rows(picked, [1 if s.side == "buy" else -1 for s in signals],
                             [strategy_id(s.source) for s in signals])
     return predictor.predict_entry(rows)
 
