@@ -312,13 +312,16 @@ def read_files(jobs: list[tuple[Path, str]], bar_seconds: int,
     is CPU-bound; each worker parses its files while this process runs ``meanwhile`` and
     builds the trading calendar (a third of a second), then finishes them with the
     calendar it sends. ``meanwhile`` runs in every case, once."""
+    import multiprocessing
+
     workers = min(os.cpu_count() or 1, len(jobs))
-    if workers < 2 or len(jobs) < _PARALLEL_MIN_FILES or sys.platform != "linux":
+    # a daemonic process (a Celery pool worker preparing a replay on its first tick) may
+    # not start children: it reads the files itself
+    if (workers < 2 or len(jobs) < _PARALLEL_MIN_FILES or sys.platform != "linux"
+            or multiprocessing.current_process().daemon):
         if meanwhile is not None:
             meanwhile()
         return [read_symbol_file(path, symbol, bar_seconds) for path, symbol in jobs]
-    import multiprocessing
-
     ctx = multiprocessing.get_context("fork")
     chunks = [list(range(i, len(jobs), workers)) for i in range(workers)]
     links = []

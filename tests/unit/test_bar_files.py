@@ -561,3 +561,32 @@ def test_a_bad_file_among_many_is_named_as_when_read_here(tmp_path: Path,
         files.load_days(folder)
     assert "M03_1min.csv.gz" in str(parallel.value)  # the first bad one in symbol order
     assert str(parallel.value) == str(serial.value)
+
+
+def _load_in_daemon(folder: str, out) -> None:
+    from core.market import files
+
+    try:
+        days = files.load_days(Path(folder))
+        out.send(("ok", [(d.date.isoformat(), d.ohlcv.tobytes()) for d in days]))
+    except BaseException as exc:  # reported to the test, which fails on it
+        out.send(("error", repr(exc)))
+
+
+def test_a_daemonic_process_reads_many_files_itself(tmp_path: Path) -> None:
+    """A Celery pool worker is daemonic and may not start children: the first tick of a
+    replay from files, prepared there, reads the files in that process."""
+    import multiprocessing
+
+    from core.market import files
+
+    folder = _many(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_load_in_daemon, args=(str(folder), there), daemon=True)
+    proc.start()
+    status, got = here.recv()
+    proc.join(30)
+    assert status == "ok", got
+    want = [(d.date.isoformat(), d.ohlcv.tobytes()) for d in files.load_days(folder)]
+    assert got == want and len(got) == 3
