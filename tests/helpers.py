@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 from core import execution
 from core.config import load_settings
 from core.runtime import Runtime, build_runtime
@@ -110,3 +112,22 @@ def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
             p.wait(20)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def random_walk_window(seed: int, n_bars: int = 120, n_sym: int = 6,
+                       holes: bool = True) -> np.ndarray:
+    """A seeded [T, S, 5] window of random-walk bars, with halted bars and odd volumes."""
+    from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME
+
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, (n_bars, n_sym)), axis=0))
+    w = np.empty((n_bars, n_sym, 5))
+    w[:, :, OPEN] = np.vstack([close[:1], close[:-1]])
+    w[:, :, CLOSE] = close
+    w[:, :, HIGH] = np.maximum(w[:, :, OPEN], close) * 1.001
+    w[:, :, LOW] = np.minimum(w[:, :, OPEN], close) * 0.999
+    w[:, :, VOLUME] = rng.integers(0, 5000, (n_bars, n_sym)).astype(float)
+    if holes:  # halted bars, a missing volume and zero-volume bars
+        w[rng.integers(0, n_bars, 8), rng.integers(0, n_sym, 8)] = np.nan
+        w[5, 1, VOLUME] = np.nan
+    return w

@@ -35,23 +35,52 @@ def confidence(strength: float, scale: float = 1.0) -> float:
     return min(round(0.5 + 0.5 * float(np.tanh(scale * max(float(strength), 0.0))), 4), 0.9999)
 
 
+@dataclass(frozen=True)
+class RuleMasks:
+    """What one rule found at a bar, before any signal object is built: per symbol ([S],
+    numpy or cupy) the long and short masks, their strengths and the price (US dollars)."""
+
+    source: str
+    price: np.ndarray
+    long_mask: np.ndarray
+    long_strength: np.ndarray
+    short_mask: np.ndarray
+    short_strength: np.ndarray
+    scale: float = 1.0
+
+    def signals(self, symbols: Sequence[str], bar_time: dt.datetime, xp: ModuleType = np,
+                only: np.ndarray | None = None) -> list[Signal]:
+        """The signals at ``bar_time`` (longs, then shorts), restricted to ``only``."""
+        return signals_from_masks(symbols, self.source, bar_time, self.price, self.long_mask,
+                                  self.long_strength, self.short_mask, self.short_strength,
+                                  xp, scale=self.scale, only=only)
+
+
 def signals_from_masks(symbols: Sequence[str], source: str, bar_time: dt.datetime,
                        price: np.ndarray, long_mask: np.ndarray, long_strength: np.ndarray,
                        short_mask: np.ndarray, short_strength: np.ndarray,
-                       xp: ModuleType = np, scale: float = 1.0) -> list[Signal]:
+                       xp: ModuleType = np, scale: float = 1.0,
+                       only: np.ndarray | None = None) -> list[Signal]:
     """Longs then shorts for the symbols whose mask is set, priced at ``price`` (US dollars).
 
     The arrays are per symbol ([S]) on numpy or cupy; confidence comes from the strength.
+    ``only`` ([S] bools, numpy or cupy) restricts the signals to those symbols.
     """
     out: list[Signal] = []
     for side, mask, strength in (("buy", long_mask, long_strength),
                                  ("sell", short_mask, short_strength)):
-        for idx in _indices(mask, xp):
-            out.append(Signal(symbols[idx], side, source,  # type: ignore[arg-type]
-                              confidence(strength[idx], scale), bar_time, float(price[idx])))
+        if only is not None:
+            mask = mask & xp.asarray(only)
+        idx = xp.nonzero(mask)[0]
+        if not idx.shape[0]:
+            continue
+        strong = 0.5 + 0.5 * xp.tanh(scale * xp.maximum(strength[idx], 0.0))
+        for i, conf, px in zip(_host(idx), _host(strong), _host(price[idx]), strict=True):
+            out.append(Signal(symbols[i], side, source,  # type: ignore[arg-type]
+                              min(round(conf, 4), 0.9999), bar_time, px))
     return out
 
 
-def _indices(mask: np.ndarray, xp: ModuleType) -> list[int]:
-    found = xp.nonzero(mask)[0]
-    return [int(i) for i in (found.get() if hasattr(found, "get") else found)]
+def _host(a: np.ndarray) -> list:
+    """A numpy or cupy array as a list of Python numbers."""
+    return (a.get() if hasattr(a, "get") else a).tolist()

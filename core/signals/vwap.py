@@ -19,8 +19,9 @@ from types import ModuleType
 
 import numpy as np
 
-from core.models import CLOSE, HIGH, LOW, VOLUME
-from core.signals import Signal, signals_from_masks
+from core.models import CLOSE
+from core.signals import RuleMasks, Signal
+from core.signals.sums import SessionSums, sums_for
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +46,44 @@ class VwapParams:
     max_trend_pct: float = 0.004
 
 
-def session_vwap(window: np.ndarray, xp: ModuleType = np, start: int = 0) -> np.ndarray:
+def session_vwap(window: np.ndarray, xp: ModuleType = np, start: int = 0,
+                 sums: SessionSums | None = None) -> np.ndarray:
     """Cumulative session VWAP per bar and symbol, [t+1-start, S], from ``window``
     ([t+1, S, 5]), for bars ``start..t`` (the bars before ``start`` still count).
 
     Typical price (h+l+c)/3 x volume. A bar with any of high/low/close/volume missing, or
     with zero (or negative) volume, contributes nothing: the previous VWAP carries. NaN until
-    the first bar with volume.
+    the first bar with volume. ``sums``: the scoring process's running sums of this session
+    (``core.signals.sums``), which give the same values without summing the window again.
     """
-    typical = (window[:, :, HIGH] + window[:, :, LOW] + window[:, :, CLOSE]) / 3.0
-    vol = window[:, :, VOLUME]
-    # prices are positive, so a usable bar has pv > 0; fmax turns NaN (and negatives) into 0
-    pv = xp.fmax(typical * vol, 0.0)
-    v = xp.fmax(vol, 0.0) * (pv > 0)
-    pv_c = xp.cumsum(pv[start:], axis=0)
-    cv = xp.cumsum(v[start:], axis=0)
-    if start > 0:  # the bars before ``start`` enter as one sum: cheaper than a full cumsum
-        pv_c += pv[:start].sum(axis=0)
-        cv += v[:start].sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return xp.where(cv > 0, pv_c / xp.where(cv > 0, cv, 1.0), xp.nan)
+    return sums_for(window, sums, xp).vwap(start, window.shape[0])
 
 
 def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.datetime,
-                 params: VwapParams, xp: ModuleType = np) -> list[Signal]:
+                 params: VwapParams, xp: ModuleType = np,
+                 sums: SessionSums | None = None,
+                 only: np.ndarray | None = None) -> list[Signal]:
     """Signals at the last bar of ``window`` ([t+1, S, 5]); ``bar_time`` is that bar's start.
 
     A symbol with a missing close at ``t`` or ``t-1``, an undefined VWAP there, or a
     deviation std that is zero (up to rounding) or undefined gives no signal. When the VWAP at
     the start of the trend look-back (``max(t - trend_bars, 0)``) is undefined, the trend
-    filter passes.
+    filter passes. ``sums``: the scoring process's running sums of this session;
+    ``only`` ([S] bools): signal on these symbols only.
     """
+    masks = vwap_masks(window, params, xp, sums)
+    return masks.signals(symbols, bar_time, xp, only) if masks is not None else []
+
+
+def vwap_masks(window: np.ndarray, params: VwapParams, xp: ModuleType = np,
+               sums: SessionSums | None = None) -> RuleMasks | None:
+    """Where VWAP reversion fires at the last bar of ``window`` (None before ``min_bars``)."""
     t = window.shape[0] - 1
     if t < 1 or t + 1 < params.min_bars:
-        return []
+        return None
     # only the VWAP of the last bars is needed: the std window and the trend base
     first = max(min(t - params.std_bars, t - params.trend_bars), 0)
-    tail = session_vwap(window, xp, first)
+    tail = session_vwap(window, xp, first, sums)
     close = window[:, :, CLOSE]
     close_t = close[t]
     close_p = close[t - 1]
@@ -100,20 +102,21 @@ def vwap_signals(window: np.ndarray, symbols: tuple[str, ...], bar_time: dt.date
 
     base = tail[max(t - params.trend_bars, 0) - first]
     with np.errstate(divide="ignore", invalid="ignore"):
-        trend = xp.nan_to_num((vwap_t - base) / vwap_t, nan=0.0, posinf=0.0, neginf=0.0)
+        trend = (vwap_t - base) / vwap_t
+        trend = xp.where(xp.isfinite(trend), trend, 0.0)  # an undefined base passes
 
+    # Comparisons with NaN are False, so a missing close or VWAP never fires (``ok`` says so
+    # too); the strengths are read only where a mask is set.
     ok = ~(xp.isnan(close_t) | xp.isnan(close_p) | xp.isnan(vwap_t) | xp.isnan(vwap_p))
-    ok &= (n >= 2) & (std > _STD_EPS * xp.abs(xp.nan_to_num(vwap_p)))  # std 0 up to rounding
-    safe_std = xp.where(std > 0, std, 1.0)
-    lower_p = vwap_p - params.band_k * std
-    upper_p = vwap_p + params.band_k * std
-    cp = xp.nan_to_num(close_p)
-    ct = xp.nan_to_num(close_t)
-    vt = xp.nan_to_num(vwap_t)
-    long_ = ok & (cp < lower_p) & (ct > cp) & (ct < vt) & (trend >= -params.max_trend_pct)
-    short = ok & (cp > upper_p) & (ct < cp) & (ct > vt) & (trend <= params.max_trend_pct)
-    stretch_l = (lower_p - cp) / safe_std
-    stretch_s = (cp - upper_p) / safe_std
+    with np.errstate(invalid="ignore"):
+        ok &= (n >= 2) & (std > _STD_EPS * xp.abs(vwap_p))  # std 0 up to rounding
+        safe_std = xp.where(std > 0, std, 1.0)
+        lower_p = vwap_p - params.band_k * std
+        upper_p = vwap_p + params.band_k * std
+        cp, ct, vt = close_p, close_t, vwap_t
+        long_ = ok & (cp < lower_p) & (ct > cp) & (ct < vt) & (trend >= -params.max_trend_pct)
+        short = ok & (cp > upper_p) & (ct < cp) & (ct > vt) & (trend <= params.max_trend_pct)
+        stretch_l = (lower_p - cp) / safe_std
+        stretch_s = (cp - upper_p) / safe_std
     # a larger stretch beyond the band (in stds) scores higher
-    return signals_from_masks(symbols, "vwap", bar_time, close_t, long_, stretch_l, short,
-                              stretch_s, xp, scale=1.0)
+    return RuleMasks("vwap", close_t, long_, stretch_l, short, stretch_s, scale=1.0)
