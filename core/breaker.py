@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis import Redis
 
@@ -194,6 +194,23 @@ class RedisCircuitBreaker:
                                     _ms(cooldown)]))
         self.clean = res == 2
         return res > 0
+
+    def queue_allow(self, pipe: Any) -> Callable[[Any], bool]:
+        """``allow`` riding on the caller's round trip: queue a read of the state on
+        ``pipe``; the returned function takes its reply. Closed (the common case) answers
+        from the read alone; open runs ``allow`` itself (cooldown and the probe's lease)."""
+        pipe.hget(self.key, "state")
+
+        def finish(state: Any) -> bool:
+            if state is None:
+                self.clean = True  # no state at all: closed and no failure on record
+                return True
+            if _s(state) != "open":
+                self.clean = False
+                return True
+            return self.allow()
+
+        return finish
 
     def record_failure(self) -> str:
         """Count one broker failure now; returns the new state ('closed' or 'open')."""

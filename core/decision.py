@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+import numpy as np
 
 from core.brokers.base import Position
 from core.exits import exit_reason
@@ -46,12 +49,15 @@ class DecisionInput:
     marks: dict[str, float]
     positions: dict[str, Position]
     open_order_symbols: frozenset[str]
-    entered_today: frozenset[str]  # "SYMBOL:side"
+    entered_today: frozenset[str]  # "SYMBOL:side" (those of the signals suffice)
     used_cents: int
     halted: bool = False
+    # exits already used per symbol; a symbol not here counts its position's exit_attempt
     exit_attempts: dict[str, int] = field(default_factory=dict)
     # exits the scoring step found over the bars: symbol -> (reason, entry client order id)
     rule_exits: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # the held symbols that may exit at this bar (``exit_candidates``); None: look at all
+    exit_candidates: frozenset[str] | None = None
 
 
 def in_eod_window(decision_time: dt.datetime, close_time: dt.datetime, minutes: int) -> bool:
@@ -64,7 +70,9 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
     intents: list[OrderIntent] = []
     eod = in_eod_window(inp.decision_time, inp.close_time, params.eod_close_minutes_before)
     date_s = inp.session_date.isoformat()
-    for symbol in sorted(inp.positions):
+    held = (inp.positions if inp.exit_candidates is None
+            else inp.exit_candidates.intersection(inp.positions))
+    for symbol in sorted(held):
         pos = inp.positions[symbol]
         if symbol in inp.open_order_symbols:
             continue  # an exit (or entry) is already working for this symbol
@@ -75,7 +83,7 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
             reason = rule[0]  # peak/trough, ML, stop-loss, take-profit, max hold, in order
         if reason is None:
             continue
-        attempt = inp.exit_attempts.get(symbol, 0) + 1
+        attempt = inp.exit_attempts.get(symbol, pos.exit_attempt) + 1
         if attempt > MAX_EXIT_ATTEMPTS:
             log.error("exit attempts exhausted; needs a person", extra={"symbol": symbol})
             continue
@@ -127,6 +135,24 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
         open_count += 1
         taken.add(sig.symbol)
     return intents
+
+
+def exit_candidates(symbols: list[str], qty: np.ndarray, avg: np.ndarray, stale: np.ndarray,
+                    marks: np.ndarray, stop_loss_pct: float, eod: bool,
+                    rule_exits: Iterable[str]) -> frozenset[str]:
+    """The held symbols that may exit at this bar: a superset of those ``exit_reason`` or a
+    rule exit closes (stale ones, every one in the end-of-day window, those with a rule
+    exit, and those whose mark is not clearly away from the stop-loss by the same float
+    test ``exit_reason`` starts with). ``marks`` per held symbol, NaN: none."""
+    if eod:
+        return frozenset(symbols)
+    with np.errstate(invalid="ignore"):
+        level = avg * np.where(qty > 0, 1 - stop_loss_pct, 1 + stop_loss_pct)
+        valid = np.isfinite(marks) & (marks > 0) & (qty != 0)
+        away = ((qty > 0) & (marks > level * (1 + 1e-9))) | (
+            (qty < 0) & (marks < level * (1 - 1e-9)))
+    near = stale | (valid & ~away)
+    return frozenset([symbols[i] for i in np.flatnonzero(near)]).union(rule_exits)
 
 
 def reservation_cents(intent: OrderIntent) -> int:

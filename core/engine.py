@@ -8,24 +8,33 @@ times America/New_York; money in cents.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
+
+import numpy as np
 
 from core.brokers.base import FillEvent
 from core.calendar import exchange_date
-from core.decision import DecisionInput, decide
-from core.execution import apply_fill_events, reconcile, release_orphans
+from core.decision import DecisionInput, decide, exit_candidates, in_eod_window
+from core.errors import FillsPending
+from core.execution import apply_fill_events, queue_fill_events, reconcile, release_orphans
+from core.market.bar_store import rows_from_bytes
 from core.runtime import Runtime
-from core.scoring import log_skips, score_bar
+from core.scoring import log_skips, mark_values, rule_masks, score_bar, symbol_index
 from core.signals import Signal
 from ml.predictor import exit_model, score_signals
 
 log = logging.getLogger(__name__)
+_AWAIT_FILLS_S = 10.0  # longest wait of early scoring for its bar's fills (seconds)
+_EOD_LEASE_S = 60  # a tick recording the end of a day holds it this long at most (seconds)
+INLINE_MAX_BYTES = 8192  # a scored bar's JSON up to this size rides in decide's message
 
 
 class Dispatcher(Protocol):
@@ -46,6 +55,11 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
     if rt.live_clock:
         return live_tick(rt, dispatcher, now_wall)
     replay = rt.replay
+    adv = replay.advance_next(now_wall)
+    if adv is not None and adv.day is not None:  # the common case, in one round trip
+        if adv.status != "advanced" or adv.row is None:
+            return {"status": adv.status, "date": adv.day.date.isoformat(), "bar": adv.bar}
+        return _advanced(rt, dispatcher, adv.day, adv, now_wall)
     st = replay.state()
     if st.status == "empty":
         from core.sim import prepare_replay
@@ -66,19 +80,33 @@ def tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float | None = None) -> 
             return {"status": "redispatched", "date": meta.date.isoformat(), "bar": st.bar}
         return {"status": "waiting", "date": meta.date.isoformat(), "bar": st.bar}
     if st.bar == meta.n_bars - 1:
-        # two ticks can get here at once: only the one that takes the guard records the day
-        if rt.redis.set(rt.keys.k(f"eod_stats:{meta.date.isoformat()}"), "1", nx=True,
-                        ex=4 * 24 * 3600):
-            _end_of_day(rt, meta)
+        # two ticks can get here at once: one records the day, and the day rolls over only
+        # once it is recorded (a tick that died recording it is replaced after its lease)
+        if not _record_day_once(rt, meta):
+            return {"status": "closing", "date": meta.date.isoformat()}
         status = replay.roll_day(st, now_wall)
         return {"status": status, "date": meta.date.isoformat()}
     adv = replay.advance(st, rt.keys.tick_guard(meta.date, st.bar + 1), now_wall)
     if adv.status != "advanced" or adv.row is None:
         return {"status": adv.status, "date": meta.date.isoformat(), "bar": st.bar + 1}
+    return _advanced(rt, dispatcher, meta, adv, now_wall)
+
+
+def _advanced(rt: Runtime, dispatcher: Dispatcher, meta: Any, adv: Any,
+              now_wall: float) -> dict[str, Any]:
+    """Bar ``adv.bar`` is published: fill what is due and hand the bar to scoring."""
     if adv.bar == 0:
         rt.broker.open_account()
-    fills = _process_fills(rt, meta, adv.bar, adv.row)
-    dispatcher.score({"date": meta.date.isoformat(), "bar": adv.bar, "t0": now_wall})
+    payload = {"date": meta.date.isoformat(), "bar": adv.bar, "t0": now_wall}
+    if getattr(dispatcher, "concurrent", False):
+        # Scoring starts at once: its rules need only the bars. It waits for this bar's
+        # fills (marked below) before it reads positions, and decide runs after it, so
+        # both see the same positions and reservations as if the fills came first.
+        dispatcher.score({**payload, "await_fills": True})
+        fills = _process_fills(rt, meta, adv.bar, adv.row)
+    else:
+        fills = _process_fills(rt, meta, adv.bar, adv.row)
+        dispatcher.score(payload)
     return {"status": "advanced", "date": meta.date.isoformat(), "bar": adv.bar,
             "fills": len(fills)}
 
@@ -96,28 +124,84 @@ def live_tick(rt: Runtime, dispatcher: Dispatcher, now_wall: float) -> dict[str,
         return {"status": "waiting", "date": day.isoformat(), "bar": bar}
     if not rt.redis.set(rt.keys.tick_guard(day, bar), "1", nx=True, ex=4 * 24 * 3600):
         return {"status": "duplicate", "date": day.isoformat(), "bar": bar}
-    if bar == meta.n_bars - 1 and rt.redis.set(rt.keys.k(f"eod_stats:{day.isoformat()}"), "1",
-                                               nx=True, ex=4 * 24 * 3600):
-        _end_of_day(rt, meta)
+    if bar == meta.n_bars - 1:
+        _record_day_once(rt, meta)
     dispatcher.score({"date": day.isoformat(), "bar": bar, "t0": now_wall})
     return {"status": "advanced", "date": day.isoformat(), "bar": bar}
 
 
 def _process_fills(rt: Runtime, meta: Any, bar: int, row: Any) -> list[FillEvent]:
+    """Fill what is due at bar ``bar``, make the reservations follow, then mark the bar's
+    fills done (scoring that started early waits for the mark)."""
+    def mark(pipe: Any) -> None:
+        pipe.set(rt.keys.fills_done(meta.date), bar, ex=4 * 24 * 3600)
+
+    if getattr(rt.broker, "fills_in_one_transaction", False):
+        # the reservations and the mark ride on the broker's own fills transaction
+        return rt.broker.process_bar(meta, bar, row, also=lambda events, pipe: (
+            queue_fill_events(rt, events, pipe, mark)))
     events = rt.broker.process_bar(meta, bar, row)
-    apply_fill_events(rt, events)
+    apply_fill_events(rt, events, then=mark)
     return events
 
 
-def _end_of_day(rt: Runtime, meta: Any) -> None:
+def positions_after_fills(rt: Runtime, day: dt.date, bar: int,
+                          timeout_s: float | None = None) -> dict[str, Any]:
+    """The open positions once the tick marked bar ``bar``'s fills done (with
+    ``timeout_s``; without it at once): the mark and the positions are read in one
+    transaction, so they match. FillsPending after ``timeout_s`` (the tick failed: its
+    watchdog dispatches the bar again)."""
+    queue = getattr(rt.broker, "queue_positions", None)
+    key = rt.keys.fills_done(day)
+    deadline = time.monotonic() + (timeout_s or 0.0)
+    delay = 0.0002
+    while True:
+        if queue is None:  # a broker of its own (Alpaca): the mark first, then the broker
+            done = rt.redis.get(key) if timeout_s is not None else None
+            ready = timeout_s is None or (done is not None and int(done) >= bar)
+            if ready:
+                return rt.broker.positions_cached()
+        else:
+            pipe = rt.redis.pipeline(transaction=True)
+            pipe.get(key)
+            n, finish = queue(pipe)
+            done, *replies = pipe.execute()
+            positions = finish(replies[:n])
+            if timeout_s is None or (done is not None and int(done) >= bar):
+                return positions
+        if time.monotonic() > deadline:
+            raise FillsPending(f"fills of bar {bar} of {day} not applied within "
+                               f"{timeout_s:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
+def _record_day_once(rt: Runtime, meta: Any) -> bool:
+    """Run ``_end_of_day`` for ``meta``'s session once: True when the day is recorded (by
+    this call or an earlier one), False while another process is recording it. The
+    recorder holds a lease of ``_EOD_LEASE_S``; the figures and the "done" mark are written
+    in one transaction."""
+    guard = rt.keys.k(f"eod_stats:{meta.date.isoformat()}")
+    if rt.redis.get(guard) == b"done":
+        return True
+    if not rt.redis.set(guard, "running", nx=True, ex=_EOD_LEASE_S):
+        return rt.redis.get(guard) == b"done"
+    _end_of_day(rt, meta, done_key=guard)
+    return True
+
+
+def _end_of_day(rt: Runtime, meta: Any, done_key: str | None = None) -> None:
     """Expire working orders of the finished session, release orphan reservations and record
-    the day's end-of-day figures."""
+    the day's end-of-day figures (with ``done_key`` set to "done" in the same transaction)."""
     apply_fill_events(rt, rt.broker.expire_session_orders(meta.date))
     release_orphans(rt, meta.date)
     positions = rt.broker.get_positions()
     if positions:
         log.error("positions open at the close", extra={
             "date": meta.date.isoformat(), "symbols": ",".join(sorted(positions))})
+    compact = getattr(rt.broker, "compact_positions_log", None)
+    if compact is not None:
+        compact()
     rt.replay.record_day_stats({
         "date": meta.date.isoformat(),
         "open_positions_at_close": len(positions),
@@ -125,30 +209,44 @@ def _end_of_day(rt: Runtime, meta: Any) -> None:
         "used_capital_cents": rt.limits.used(meta.date),
         "daily_limit_cents": rt.settings.daily_limit_cents,
         "close_time": meta.close_time.isoformat(),
-    })
+    }, done_key=done_key)
 
 
 # --- score (gpu queue) ----------------------------------------------------------------------
 def score(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
-    """Rule signals and marks for the whole universe at one bar.
+    """Rule signals and exits for the whole universe at one bar, handed to ``decide``.
 
-    The full result goes to Redis under ``scored:<date>:<bar>``; the returned message carries
-    only that key (messages carry keys, not payloads).
+    A small result (``INLINE_MAX_BYTES`` of JSON at most: the usual case) rides in the
+    message; a larger one goes to Redis under ``scored:<date>:<bar>`` and the message
+    carries that key (messages stay small). The marks are not sent: decide reads them from
+    the bar itself (``core.scoring.mark_values``).
     """
     started = time.time()
     result = compute_scores(rt, payload)
-    key = rt.keys.k(f"scored:{result['date']}:{result['bar']}")
-    rt.redis.set(key, json.dumps(result, separators=(",", ":")), ex=3600)
+    result.pop("marks")
+    out: dict[str, Any] = {"date": result["date"], "bar": result["bar"],
+                           "signals": len(result["signals"]), "model": result.get("model")}
+    body = {"signals": result["signals"], "exits": result["exits"]}
+    blob = json.dumps(body, separators=(",", ":"))
+    if len(blob) <= INLINE_MAX_BYTES:
+        out["scored"] = body
+    else:
+        key = rt.keys.k(f"scored:{result['date']}:{result['bar']}")
+        rt.redis.set(key, blob, ex=3600)
+        out["scored_key"] = key
     # wall times (Unix s) of the tick, the start and the end of scoring: decide records them
-    return {"date": result["date"], "bar": result["bar"], "scored_key": key,
-            "signals": len(result["signals"]), "model": result.get("model"),
-            "t": [payload.get("t0"), round(started, 6), round(time.time(), 6)]}
+    out["t"] = [payload.get("t0"), round(started, 6), round(time.time(), 6)]
+    return out
 
 
 def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -> dict[str, Any]:
-    """Signals, marks (this bar's close of every symbol that has a usable one) and the exits
-    of held positions, as JSON data. ``entries=False`` (the backtester, on a bar where the
-    decision can open nothing) leaves the rule strategies and the entry model out.
+    """Signals, marks and the exits of held positions at one bar, as compact JSON data.
+
+    ``signals``: ``[symbol, side, source, confidence, price]`` rows, all at the start of bar
+    ``bar``; ``marks``: this bar's close per symbol of the session, in the session's symbol
+    order (None where the symbol has no usable close); ``exits``: symbol -> [reason, entry
+    order id]. ``entries=False`` (the backtester, on a bar where the decision can open
+    nothing) leaves the rule strategies and the entry model out.
 
     With a current model, the entry model's probability becomes each signal's confidence and
     signals below ``ML_ENTRY_THRESHOLD`` are dropped, and the exit model scores the held
@@ -158,15 +256,21 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
     meta, window = rt.window.get(day, bar)
-    positions = rt.broker.positions_cached()
     predictor = rt.models.get() if rt.models is not None else None
     problem = rt.models.problem if rt.models is not None else None
     exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
     params = rt.scoring_params(meta.bar_seconds)
     if not entries:
         params = dataclasses.replace(params, strategies=())
+    masks = rule_masks(window, params, sums=rt.sums)  # needs the bars only
+    wait = (min(rt.settings.sim_settle_timeout_s, _AWAIT_FILLS_S)
+            if payload.get("await_fills") else None)
+    positions = positions_after_fills(rt, day, bar, wait)
+    held = rt.held.sync_from(rt.broker, positions, meta.symbols, meta.open_time,
+                             meta.bar_seconds, day.isoformat())
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
-                       params, exit_model=exit_fn, tracker=rt.extremes)
+                       params, exit_model=exit_fn, tracker=rt.extremes, sums=rt.sums,
+                       skip_held=True, masks=masks, held=held)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
     signals = scored.signals
@@ -177,10 +281,68 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
                            once_key=f"model:{day}:{abs(hash(problem))}")
     elif predictor is not None and signals:
         signals = _model_scored(rt, predictor, window, meta, signals)
+    marks = scored.mark_array
     return {"date": day.isoformat(), "bar": bar,
-            "signals": [s.to_dict() for s in signals], "marks": scored.marks,
+            "signals": [[s.symbol, s.side, s.source, s.confidence, s.price] for s in signals],
+            "marks": marks,
             "exits": {sym: list(v) for sym, v in scored.exits.items()},
             "model": predictor.version if predictor is not None else None}
+
+
+def scored_signals(scored: dict[str, Any], meta: Any) -> list[Signal]:
+    """The signals of a scored bar: compact rows (``compute_scores``) or one dict per signal
+    (``Signal.to_dict``, as older messages and hand-built ones carry them)."""
+    out = []
+    bar_time = None
+    for s in scored.get("signals", []):
+        if isinstance(s, dict):
+            out.append(Signal(symbol=s["symbol"], side=s["side"], source=s["source"],
+                              confidence=float(s["confidence"]),
+                              bar_time=dt.datetime.fromisoformat(s["bar_time"]),
+                              price=float(s["price"])))
+            continue
+        if bar_time is None:
+            bar_time = meta.bar_time(int(scored["bar"]))
+        symbol, side, source, conf, price = s
+        out.append(Signal(symbol=symbol, side=side, source=source, confidence=float(conf),
+                          bar_time=bar_time, price=float(price)))
+    return out
+
+
+def scored_mark_array(scored: dict[str, Any], meta: Any) -> np.ndarray:
+    """A scored bar's marks as an array in the session's symbol order (NaN: none)."""
+    raw = scored.get("marks", {})
+    if isinstance(raw, np.ndarray):
+        return raw.astype(float, copy=False)
+    if isinstance(raw, dict):
+        index = symbol_index(meta.symbols)
+        out = np.full(len(meta.symbols), np.nan)
+        for sym, v in raw.items():
+            if sym in index:
+                out[index[sym]] = float(v)
+        return out
+    if len(raw) != len(meta.symbols):
+        raise ValueError(f"marks for {len(raw)} symbols, the session has {len(meta.symbols)}")
+    return np.array([np.nan if v is None else float(v) for v in raw], dtype=float)
+
+
+def scored_marks(scored: dict[str, Any], meta: Any,
+                 wanted: Iterable[str] | None = None) -> dict[str, float]:
+    """Symbol -> this bar's close (US dollars) from a scored bar: an array or list in the
+    session's symbol order (NaN or None: no usable close) or a dict.
+    ``wanted``: only these symbols (the decision needs the held ones)."""
+    raw = scored.get("marks", {})
+    if isinstance(raw, dict):
+        return {k: float(v) for k, v in raw.items() if wanted is None or k in wanted}
+    if len(raw) != len(meta.symbols):
+        raise ValueError(f"marks for {len(raw)} symbols, the session has {len(meta.symbols)}")
+    values = raw.tolist() if isinstance(raw, np.ndarray) else list(raw)
+    if wanted is None:
+        pairs = zip(meta.symbols, values, strict=True)
+    else:
+        index = symbol_index(meta.symbols)
+        pairs = ((sym, values[index[sym]]) for sym in wanted if sym in index)
+    return {sym: float(v) for sym, v in pairs if v is not None and v == v}
 
 
 def _model_scored(rt: Runtime, predictor: Any, window: Any, meta: Any,
@@ -210,93 +372,173 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     """Order intents for one scored bar; registers them so the bar settles when all are sent.
 
     ``scored`` is what ``score`` returned (the key of the stored result) or the result itself.
+    Everything the decision reads (the scored result, today's entries and used capital, the
+    halts, stale symbols, the reconciliation marker, and with the simulated broker its
+    positions, working orders and realized P/L) comes in one transaction; the first order
+    is handed on before the others are built.
     """
     decide_at = time.time()
     timing = scored.get("t")
-    if "scored_key" in scored:
-        raw = rt.redis.get(str(scored["scored_key"]))
-        if raw is None:
-            log.error("scored result missing", extra={"key": scored["scored_key"]})
-            return {"status": "missing_scores", "date": scored.get("date"),
-                    "bar": scored.get("bar")}
-        scored = json.loads(raw)
+    key = scored.get("scored_key")
     day = dt.date.fromisoformat(str(scored["date"]))
     bar = int(scored["bar"])
     meta = rt.bar_store.meta(day)
     if meta is None:
         log.error("decide for an unknown session", extra={"date": day.isoformat()})
         return {"status": "unknown_session", "date": day.isoformat(), "bar": bar}
-    signals = [Signal(symbol=s["symbol"], side=s["side"], source=s["source"],
-                      confidence=float(s["confidence"]),
-                      bar_time=dt.datetime.fromisoformat(s["bar_time"]), price=float(s["price"]))
-               for s in scored.get("signals", [])]
-    marks = {k: float(v) for k, v in scored.get("marks", {}).items()}
+    queue_snapshot = getattr(rt.broker, "queue_snapshot", None)
+    n_signals = scored.get("signals", 0)
+    n_signals = n_signals if isinstance(n_signals, int) else len(n_signals)
+    if "scored" in scored:  # the result rode in the message
+        scored = {**scored, **scored["scored"]}
+    # the marks: the scored bar's own (a backtest, a hand-built result), else the bar's row
+    row_range = None
+    if "marks" not in scored:
+        rb = meta.row_bytes
+        row_range = (rt.keys.bars(day), bar * rb, (bar + 1) * rb - 1)
 
-    def reads() -> list[Any]:
-        pipe = rt.redis.pipeline(transaction=False)
+    def reads() -> tuple[dict[str, Any], Any]:
+        pipe = rt.redis.pipeline(transaction=True)
+        names = ["entered", "used", "halted", "loss_halted", "stale", "reconciled"]
         pipe.smembers(rt.keys.entries(day))
         pipe.get(rt.keys.used_capital(day))
         pipe.exists(rt.keys.halt())
         pipe.exists(rt.keys.loss_halt(day))
         pipe.hkeys(rt.keys.k(f"stale_symbols:{day.isoformat()}"))  # written by the feed
         pipe.exists(rt.keys.reconciled(day))
+        if key is not None:
+            names.append("scored")
+            pipe.get(str(key))
+        if row_range is not None:
+            names.append("row")
+            pipe.getrange(*row_range)
+        n_account, finish = queue_snapshot(pipe, day) if queue_snapshot else (0, None)
         if timing and len(timing) == 3 and all(isinstance(x, int | float) for x in timing):
             t0, t1, t2 = (float(x) for x in timing)
             # the last tick's stage times (ms) for `daytrader status` and the metrics; rides
-            # on this pipeline, so it costs no extra round trip
+            # on this transaction, so it costs no extra round trip
             pipe.hset(rt.keys.k("tick:last"), mapping={
                 "date": day.isoformat(), "bar": bar, "tick_at": t0,
                 "score_queue_ms": round((t1 - t0) * 1000, 3),
                 "score_ms": round((t2 - t1) * 1000, 3),
                 "decide_queue_ms": round((decide_at - t2) * 1000, 3),
-                "signals": len(scored.get("signals", [])), "model": scored.get("model") or ""})
-        return pipe.execute()
+                "signals": n_signals, "model": scored.get("model") or ""})
+        replies = pipe.execute()
+        got = dict(zip(names, replies, strict=False))
+        n = len(names)
+        account = finish(replies[n:n + n_account]) if finish is not None else None
+        return got, account
 
-    replies = reads()
-    if not replies[5]:
+    got, account = reads()
+    if key is not None:
+        if got["scored"] is None:
+            log.error("scored result missing", extra={"key": key})
+            return {"status": "missing_scores", "date": day.isoformat(), "bar": bar}
+        scored = {**scored, **json.loads(got["scored"])}
+    if row_range is not None:
+        raw_row = got["row"]
+        if len(raw_row) != meta.row_bytes:
+            log.error("decide for a bar not in the store", extra={
+                "date": day.isoformat(), "bar": bar})
+            return {"status": "missing_bar", "date": day.isoformat(), "bar": bar}
+        scored = {**scored, "marks": mark_values(rows_from_bytes(raw_row,
+                                                                 len(meta.symbols))[0])}
+    if not got["reconciled"]:
         reconcile(rt, day)  # new day, or Redis lost its data: rebuild before any entry
-        replies = reads()
-    positions, open_orders = rt.broker.snapshot()
-    entered_raw, used_raw, halted, loss_halted, stale_raw = replies[:5]
-    if stale_raw:  # stale market data blocks new entries for those symbols
-        stale = {x.decode() for x in stale_raw}
+        got, account = reads()
+    if account is not None:
+        positions, open_orders, realized = account
+    else:
+        (positions, open_orders), realized = rt.broker.snapshot(), None
+    signals = scored_signals(scored, meta)
+    rule_exits = {sym: (str(v[0]), str(v[1])) for sym, v in scored.get("exits", {}).items()}
+    decision_time = meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds)
+    params = rt.decision_params
+    # the held positions as arrays: their marks, unrealized P/L and which may exit, without
+    # a Python step per position (hundreds of them at a large universe)
+    held = rt.held.sync_from(rt.broker, positions, meta.symbols, meta.open_time,
+                             meta.bar_seconds, day.isoformat())
+    cols = held.held()
+    outside = list(held.outside.values())  # held symbols not in today's universe
+    syms = [meta.symbols[c] for c in cols.tolist()] + [p.symbol for p in outside]
+    qty = np.concatenate([held.qty[cols], [float(p.qty) for p in outside]])
+    avg = np.concatenate([held.avg[cols], [p.avg_float for p in outside]])
+    stale_pos = np.concatenate([~held.today[cols], [p.session_date != day.isoformat()
+                                                     for p in outside]]).astype(bool)
+    all_marks = scored_mark_array(scored, meta)
+    held_marks = np.concatenate([all_marks[cols], np.full(len(outside), np.nan)])
+    candidates = exit_candidates(
+        syms, qty, avg, stale_pos, held_marks, params.limits.stop_loss_pct,
+        in_eod_window(decision_time, meta.close_time, params.eod_close_minutes_before),
+        rule_exits)
+    index = symbol_index(meta.symbols)
+    marks = {sym: float(all_marks[index[sym]]) for sym in candidates
+             if sym in index and all_marks[index[sym]] == all_marks[index[sym]]}
+    entered_raw = got["entered"]
+    if got["stale"]:  # stale market data blocks new entries for those symbols
+        stale = {x.decode() for x in got["stale"]}
         signals = [s for s in signals if s.symbol not in stale]
-    halted = bool(halted) or bool(loss_halted) or loss_limit_hit(rt, day, positions, marks)
+    halted = bool(got["halted"]) or bool(got["loss_halted"]) or loss_limit_hit(
+        rt, day, positions, marks, realized, unrealized_cents(qty, avg, held_marks))
     inp = DecisionInput(
-        session_date=day, bar=bar,
-        decision_time=meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds),
+        session_date=day, bar=bar, decision_time=decision_time,
         close_time=meta.close_time, signals=signals, marks=marks,
         positions=positions, open_order_symbols=frozenset(o.symbol for o in open_orders),
-        entered_today=frozenset(x.decode() for x in entered_raw),
-        used_cents=int(used_raw or 0), halted=halted,
-        exit_attempts={sym: pos.exit_attempt for sym, pos in positions.items()},
-        rule_exits={sym: (str(v[0]), str(v[1])) for sym, v in scored.get("exits", {}).items()},
+        # only the signals' entries are looked up: the day's whole set may be long
+        entered_today=frozenset(k for k in {f"{s.symbol}:{s.side}" for s in signals}
+                                if k.encode() in entered_raw),
+        used_cents=int(got["used"] or 0), halted=halted, rule_exits=rule_exits,
+        exit_candidates=candidates,
     )
-    intents = decide(inp, rt.decision_params)
+    intents = decide(inp, params)
     if not intents:
         rt.replay.settle(day, bar)
         return {"status": "settled", "date": day.isoformat(), "bar": bar, "orders": 0}
     rt.replay.register_pending(day, bar, [i.client_order_id for i in intents])
-    for intent in intents:
-        payload = intent.model_dump(mode="json")
-        if intent.intent == "exit":
-            dispatcher.close_position(payload)
-        else:
-            dispatcher.submit_order(payload)
+    _dispatch(dispatcher, intents[0])  # on its way before the others are built
+    if len(intents) > 1:
+        batch = getattr(dispatcher, "batch", None)
+        with batch() if batch is not None else contextlib.nullcontext():
+            for intent in intents[1:]:
+                _dispatch(dispatcher, intent)
     return {"status": "dispatched", "date": day.isoformat(), "bar": bar,
             "orders": len(intents)}
 
 
+def _dispatch(dispatcher: Dispatcher, intent: Any) -> None:
+    payload = intent.model_dump(mode="json")
+    if intent.intent == "exit":
+        dispatcher.close_position(payload)
+    else:
+        dispatcher.submit_order(payload)
+
+
+def unrealized_cents(qty: np.ndarray, avg: np.ndarray, marks: np.ndarray) -> int:
+    """Unrealized P/L in cents of held positions (signed quantities, average prices and
+    marks in US dollars, NaN: no mark, left out), each truncated to whole cents as
+    ``loss_limit_hit`` does."""
+    with np.errstate(invalid="ignore"):
+        each = np.trunc((marks - avg) * qty * 100)
+    return int(each[np.isfinite(each)].sum())
+
+
 def loss_limit_hit(rt: Runtime, day: dt.date, positions: dict[str, Any],
-                    marks: dict[str, float]) -> bool:
-    """True (and halts entries for the day) once realized + unrealized P/L <= -limit."""
+                   marks: dict[str, float], realized_cents: int | None = None,
+                   unrealized: int | None = None) -> bool:
+    """True (and halts entries for the day) once realized + unrealized P/L <= -limit.
+    ``realized_cents``: the day's realized P/L when already read (else asked here);
+    ``unrealized``: the positions' unrealized P/L in cents when already computed (else
+    from ``marks``)."""
     if not positions and rt.settings.daily_loss_limit_cents <= 0:
         return False
-    pnl = rt.broker.realized_pnl_cents(day)
-    for sym, pos in positions.items():
-        mark = marks.get(sym)
-        if mark is not None and math.isfinite(mark):
-            pnl += int((float(mark) - float(pos.avg_price)) * pos.qty * 100)
+    pnl = rt.broker.realized_pnl_cents(day) if realized_cents is None else realized_cents
+    if unrealized is not None:
+        pnl += unrealized
+    else:
+        for sym, pos in positions.items():
+            mark = marks.get(sym)
+            if mark is not None and math.isfinite(mark):
+                pnl += int((float(mark) - pos.avg_float) * pos.qty * 100)
     if pnl <= -rt.settings.daily_loss_limit_cents:
         if rt.redis.set(rt.keys.loss_halt(day), str(pnl), nx=True, ex=4 * 24 * 3600):
             log.warning("daily loss limit reached: no new entries today",

@@ -47,6 +47,10 @@ class StaleMarketData(TransientError):
     """The newest bar is older than allowed."""
 
 
+class FillsPending(TransientError):
+    """Scoring started before the tick applied its bar's fills, and they did not come."""
+
+
 class OrderInFlight(TransientError):
     """Another worker is submitting the same client_order_id; look again shortly."""
 

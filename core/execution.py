@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
@@ -34,18 +35,37 @@ _TTL_S = 4 * 24 * 3600
 _FAILED = ("cancelled", "expired", "rejected")
 
 
-def _acquire(rt: Runtime, coid: str) -> TokenLock:
-    """Take the order's lock, or raise OrderInFlight (a transient error: Celery retries)."""
+def _acquire(rt: Runtime, coid: str,
+             extra: Callable[[Any], Callable[[list[Any]], Any]] | None = None,
+             ) -> tuple[TokenLock, Order | None, Callable[[], Any] | None]:
+    """Take the order's lock and look the order up under it, in one round trip where the
+    broker can answer on our Redis connection (the simulated one); OrderInFlight (transient:
+    Celery retries) when another worker holds the lock. ``extra(pipe)`` queues more reads
+    on the same round trip and returns the function that turns their replies into its
+    result; the third value calls it (only when the caller needs the answer)."""
     lock = TokenLock(rt.redis, rt.keys.order_lock(coid),
                      ttl_ms=int(rt.settings.order_lock_ttl_s * 1000))
-    if not lock.acquire():
+    queue_lookup = getattr(rt.broker, "queue_lookup", None)
+    pipe = rt.redis.pipeline(transaction=True)  # one consistent view, taken with the lock
+    lock.queue_acquire(pipe)
+    lookup = queue_lookup(pipe, coid) if queue_lookup is not None else None
+    n = len(pipe)
+    finish = extra(pipe) if extra is not None else None
+    replies = pipe.execute()
+    if not lock.taken(replies[0]):
         raise OrderInFlight(coid)
-    return lock
+    try:
+        order = (lookup(replies[1]) if lookup is not None
+                 else rt.broker.get_order_by_client_id(coid))
+    except BaseException:
+        lock.release()
+        raise
+    rest = replies[n:]
+    return lock, order, (lambda: finish(rest)) if finish is not None else None
 
 
-def _existing(rt: Runtime, base: dict[str, Any]) -> dict[str, Any] | None:
-    """The result for an order the broker already has (looked up by client_order_id)."""
-    order = rt.broker.get_order_by_client_id(base["client_order_id"])
+def _known(base: dict[str, Any], order: Order | None) -> dict[str, Any] | None:
+    """The result for an order the broker already has (found by client_order_id)."""
     if order is None:
         return None
     return {**base, "status": "exists", "order_status": order.status}
@@ -73,23 +93,37 @@ def submit_order(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 
 def entry_refusal(rt: Runtime, intent: OrderIntent) -> str | None:
     """Why a new entry must not be sent now (kill switch, loss halt, breaker, caps), or None."""
-    day = intent.session_date
     pipe = rt.redis.pipeline(transaction=False)
+    finish = _queue_refusal(rt, intent, pipe)
+    return finish(pipe.execute())
+
+
+def _queue_refusal(rt: Runtime, intent: OrderIntent,
+                   pipe: Any) -> Callable[[list[Any]], str | None]:
+    """Queue ``entry_refusal``'s reads on ``pipe``; returns the function that takes their
+    replies and answers."""
+    day = intent.session_date
     pipe.exists(rt.keys.halt())
     pipe.exists(rt.keys.loss_halt(day))
     pipe.exists(rt.keys.reconciled(day))
-    halted, loss_halted, reconciled = pipe.execute()
-    if halted:
-        return "halted"
-    if loss_halted:
-        return "daily_loss_limit"
-    if not reconciled:
-        return "not_reconciled"
-    if reservation_cents(intent) > rt.settings.max_position_value_cents:
-        return "max_position_value"
-    if not rt.breaker.allow():
-        return "breaker_open"
-    return None
+    queue_allow = getattr(rt.breaker, "queue_allow", None)
+    allow = queue_allow(pipe) if queue_allow is not None else None
+
+    def finish(replies: list[Any]) -> str | None:
+        halted, loss_halted, reconciled = replies[:3]
+        if halted:
+            return "halted"
+        if loss_halted:
+            return "daily_loss_limit"
+        if not reconciled:
+            return "not_reconciled"
+        if reservation_cents(intent) > rt.settings.max_position_value_cents:
+            return "max_position_value"
+        if not (allow(replies[3]) if allow is not None else rt.breaker.allow()):
+            return "breaker_open"
+        return None
+
+    return finish
 
 
 def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
@@ -112,16 +146,30 @@ def _submit_entry(rt: Runtime, intent: OrderIntent) -> dict[str, Any]:
         intent="entry", reason=intent.reason, strategy=intent.strategy,
         confidence=intent.confidence, stop_price=stop)
     # one lookup, under the lock: an order the broker already has (a redelivery or a retry
-    # after a lost answer) is reported, never refused or sent again
-    lock = _acquire(rt, coid)
+    # after a lost answer) is reported, never refused or sent again. The refusal checks'
+    # reads ride on the same round trip; they are answered only when the order is new.
+    # the broker's first read for its check rides along too, when it can (the simulated one)
+    queue_check = getattr(rt.broker, "queue_entry_check", None)
+
+    def extra(pipe: Any) -> Callable[[list[Any]], tuple[str | None, Any]]:
+        start = len(pipe)
+        refusal = _queue_refusal(rt, intent, pipe)
+        n = len(pipe) - start  # the refusal's replies come first, then the broker's
+        check = queue_check(pipe, request) if queue_check is not None else None
+        return lambda replies: (refusal(replies[:n]),
+                                (lambda: check(replies[n:])) if check is not None else None)
+
+    lock, order, answers = _acquire(rt, coid, extra)
     try:
-        if known := _existing(rt, base):
+        if known := _known(base, order):
             return known
-        refusal = entry_refusal(rt, intent)
+        assert answers is not None  # ``extra`` was given
+        refusal, broker_check = answers()
         if refusal:
             log.info("entry refused: %s", refusal, extra=base)
             return {**base, "status": "refused", "reason": refusal}
-        broker_says = rt.broker.entry_check(request)
+        broker_says = broker_check() if broker_check is not None else rt.broker.entry_check(
+            request)
         if broker_says:
             log.info("entry refused before sending: %s", broker_says, extra=base)
             return {**base, "status": "refused", "reason": broker_says}
@@ -182,12 +230,16 @@ def close_position(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
 def close_symbol(rt: Runtime, symbol: str, coid: str, reason: str) -> dict[str, Any]:
     """Send the order that closes ``symbol``'s whole position, once per client_order_id."""
     base = {"client_order_id": coid, "symbol": symbol}
-    lock = _acquire(rt, coid)
+    # the broker's reads for the close ride along, when it can (the simulated one)
+    queue_close = getattr(rt.broker, "queue_close", None)
+    lock, order, closer = _acquire(
+        rt, coid, (lambda pipe: queue_close(pipe, symbol)) if queue_close is not None else None)
     try:  # one lookup, under the lock (see _submit_entry)
-        if known := _existing(rt, base):
+        if known := _known(base, order):
             return known
         try:
-            order = rt.broker.close_position(symbol, coid, reason)
+            order = (closer()(coid, reason) if closer is not None
+                     else rt.broker.close_position(symbol, coid, reason))
         except BrokerUnavailable:
             rt.breaker.record_failure()
             raise
@@ -211,13 +263,27 @@ def exit_attempts(rt: Runtime, pos: Position) -> int:
 
 
 # --- fills and reservations -------------------------------------------------------------------
-def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
+def apply_fill_events(rt: Runtime, events: list[FillEvent],
+                      then: Callable[[Any], None] | None = None) -> None:
     """Make each entry's reservation follow its fill: shrink to the filled value, or release.
 
     A partial fill (an IOC entry's filled part, or a DAY order that ended with some shares
     filled) keeps the value filled; an order still working ("partially_filled") keeps its
-    whole reservation until it ends.
+    whole reservation until it ends. One round trip, however many fills; ``then(pipe)``
+    queues more commands on it.
     """
+    pipe = rt.redis.pipeline(transaction=False)
+    finish = queue_fill_events(rt, events, pipe, then)
+    finish(pipe.execute() if len(pipe) else [])
+
+
+def queue_fill_events(rt: Runtime, events: list[FillEvent], pipe: Any,
+                      then: Callable[[Any], None] | None = None
+                      ) -> Callable[[list[Any]], None]:
+    """``apply_fill_events`` queued on ``pipe`` (another round trip, e.g. the simulated
+    broker's fills transaction); returns the function that reads the replies and reports
+    what does not add up (a fill without a reservation, one above it)."""
+    by_day: dict[str, list[FillEvent]] = {}
     for ev in events:
         if rt.alerts is not None and ev.filled_qty > 0 and ev.status in ("filled",
                                                                           "partially_filled"):
@@ -225,18 +291,26 @@ def apply_fill_events(rt: Runtime, events: list[FillEvent]) -> None:
                                    f"${ev.notional_cents / 100:,.2f} ({ev.client_order_id})")
         if ev.intent != "entry" or ev.status == "partially_filled":
             continue
-        day = dt.date.fromisoformat(ev.session_date)
-        reserved = rt.limits.reservation(day, ev.client_order_id)
-        if reserved is None:
-            log.error("fill without reservation", extra={"client_order_id": ev.client_order_id})
-            continue
-        target = min(ev.notional_cents, reserved) if ev.filled_qty > 0 else 0
-        if ev.filled_qty > 0 and ev.notional_cents > reserved:
-            log.error("fill value above its reservation", extra={
-                "client_order_id": ev.client_order_id, "filled_cents": ev.notional_cents,
-                "reserved_cents": reserved})
-        if target < reserved:
-            rt.limits.adjust(day, ev.client_order_id, target)
+        by_day.setdefault(ev.session_date, []).append(ev)
+    readers = []
+    for date, evs in by_day.items():
+        fills = [(ev.client_order_id, ev.notional_cents, ev.filled_qty > 0) for ev in evs]
+        readers.append((evs, rt.limits.settle_fills(dt.date.fromisoformat(date), fills, pipe)))
+    if then is not None:
+        then(pipe)
+
+    def finish(replies: list[Any]) -> None:
+        for (evs, read), reply in zip(readers, replies, strict=False):
+            for ev, held in zip(evs, read(reply), strict=True):
+                if held is None:
+                    log.error("fill without reservation",
+                              extra={"client_order_id": ev.client_order_id})
+                elif ev.filled_qty > 0 and ev.notional_cents > held:
+                    log.error("fill value above its reservation", extra={
+                        "client_order_id": ev.client_order_id,
+                        "filled_cents": ev.notional_cents, "reserved_cents": held})
+
+    return finish
 
 
 def release_orphans(rt: Runtime, day: dt.date) -> list[str]:

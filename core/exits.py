@@ -159,64 +159,131 @@ class ExtremeTracker:
     """The last bar's confirmed peak (longs) / trough (shorts) of held positions, updated
     incrementally from one tick to the next: a position seen at bar ``t - 1`` needs only the
     bars ``t - 2d .. t``; any other is computed in full. Only max/min enter, so the result is
-    exactly that of ``confirmed_extremes``. State is per entry order id; one tracker per
-    process (the scoring worker, or a backtest)."""
+    exactly that of ``confirmed_extremes``. One tracker per process (the scoring worker, or
+    a backtest).
+
+    State lives in slots: ``levels_at`` takes each position's slot (the scoring step uses
+    the universe's columns) and an id that changes when another position takes the slot;
+    ``levels`` keys positions by their entry order id instead."""
 
     def __init__(self) -> None:
-        # entry id -> (bar, entry bar, running low at bar - d, best) in x = close x direction
-        self._state: dict[str, tuple[int, int, float, float]] = {}
+        # per slot: the position's id, the bar and entry bar of the state, and in
+        # x = close x direction the running low at bar - d and the best confirmed extreme
+        self._id = np.zeros(0, dtype=np.int64)
+        self._bar = np.full(0, -2, dtype=np.int64)
+        self._entry = np.zeros(0, dtype=np.int64)
+        self._runmin = np.zeros(0)
+        self._best = np.zeros(0)
+        self._slots: dict[str, int] = {}  # ``levels``: entry order id -> slot
+        self._how: str | None = None
 
     def levels(self, close: np.ndarray, keys: list[str], entry_bar: np.ndarray,
                direction: np.ndarray, distance: int, prominence: float,
-               xp: ModuleType = np) -> np.ndarray:
-        """Peak (long) or trough (short) per column at the last bar of ``close`` ([T, H],
-        US dollars), NaN where none is confirmed."""
+               xp: ModuleType = np, cols: np.ndarray | None = None) -> np.ndarray:
+        """Peak (long) or trough (short) per held position at the last bar of ``close``
+        (US dollars), NaN where none is confirmed; positions keyed by entry order id.
+        ``close`` is ``[T, H]`` with one column per position, or ``[T, S]`` with ``cols``
+        naming each position's column."""
+        self._use("keys")
+        slots = np.array([self._slots.setdefault(k, len(self._slots)) for k in keys],
+                         dtype=np.int64)
+        return self._levels(close, slots, slots + 1, entry_bar, direction, distance,
+                            prominence, xp, cols)
+
+    def levels_at(self, close: np.ndarray, slots: np.ndarray, ids: np.ndarray,
+                  entry_bar: np.ndarray, direction: np.ndarray, distance: int,
+                  prominence: float, xp: ModuleType = np,
+                  cols: np.ndarray | None = None) -> np.ndarray:
+        """``levels`` with each position's state slot and id given (ids > 0)."""
+        self._use("slots")
+        return self._levels(close, slots, ids, entry_bar, direction, distance, prominence,
+                            xp, cols)
+
+    def _use(self, how: str) -> None:
+        """A tracker keys its state one way only (the slots of the two would mix)."""
+        if self._how is None:
+            self._how = how
+        elif self._how != how:
+            raise ValueError(f"this ExtremeTracker keys by {self._how}, not by {how}")
+
+    def _levels(self, close: np.ndarray, slots: np.ndarray, ids: np.ndarray,
+                entry_bar: np.ndarray, direction: np.ndarray, distance: int,
+                prominence: float, xp: ModuleType, cols: np.ndarray | None) -> np.ndarray:
         t = close.shape[0] - 1
         d = max(int(distance), 1)
-        entries = [int(e) for e in (entry_bar.get() if hasattr(entry_bar, "get")
-                                    else entry_bar)]
-        inc = [j for j, k in enumerate(keys)
-               if (st := self._state.get(k)) is not None and st[0] == t - 1
-               and st[1] == entries[j]]
-        inc_set = set(inc)
-        full = [j for j in range(len(keys)) if j not in inc_set]
-        best_x = np.full(len(keys), np.nan)
-        runmin_x = np.full(len(keys), np.nan)
+        n = len(slots)
+        entries = np.asarray(entry_bar.get() if hasattr(entry_bar, "get") else entry_bar,
+                             dtype=np.int64)
+        if n and int(slots.max()) >= len(self._id):
+            self._grow(int(slots.max()) + 1)
+        inc_mask = (self._id[slots] == ids) & (self._bar[slots] == t - 1) \
+            & (self._entry[slots] == entries)
+        inc = np.flatnonzero(inc_mask)
+        full = np.flatnonzero(~inc_mask)
+        best_x = np.full(n, np.nan)
+        runmin_x = np.full(n, np.nan)
         sign = direction.astype(float)
-        if full:
-            cols = xp.asarray(full)
+
+        def gather(lo: int, which: np.ndarray) -> np.ndarray:
+            picked = xp.asarray(which)
+            if cols is None:
+                return close[lo:, picked]
+            return close[lo:, cols[picked]]
+
+        if len(full):
             got: list[np.ndarray] = []
-            b = _confirmed(close[:, cols] * sign[cols], entry_bar[cols], d, prominence, xp,
+            fi = xp.asarray(full)
+            b = _confirmed(gather(0, full) * sign[fi], entry_bar[fi], d, prominence, xp,
                            True, True, got)
             best_x[full] = b.get() if hasattr(b, "get") else b
             runmin_x[full] = got[0].get() if hasattr(got[0], "get") else got[0]
-        if inc:
-            cols = xp.asarray(inc)
+        if len(inc):
             lo = max(t - 2 * d, 0)
-            w = close[lo:, cols] * sign[cols]
-            rows = xp.arange(lo, t + 1)[:, None]
-            w = _nan_unless(w, rows >= entry_bar[cols][None, :], xp)
-            prev = np.array([[self._state[keys[j]][2], self._state[keys[j]][3]] for j in inc])
+            ii = xp.asarray(inc)
+            w = gather(lo, inc) * sign[ii]
+            w = _nan_unless(w, xp.arange(lo, t + 1)[:, None] >= entry_bar[ii][None, :], xp)
+            prev_runmin = self._runmin[slots[inc]]
+            prev_best = self._best[slots[inc]]
             p = t - d
             if p >= lo:
                 xp_p = w[p - lo]
-                near = w[0]
-                for k in range(1, w.shape[0]):
-                    near = xp.fmax(near, w[k])
+                near = _fmax_rows(w, xp)
                 xp_p = xp_p.get() if hasattr(xp_p, "get") else np.asarray(xp_p)
                 near = near.get() if hasattr(near, "get") else np.asarray(near)
-                runmin = np.fmin(prev[:, 0], xp_p)
+                runmin = np.fmin(prev_runmin, xp_p)
                 with np.errstate(invalid="ignore"):
                     ok = (xp_p >= near) & (xp_p - runmin >= prominence * np.abs(xp_p))
-                best = np.fmax(prev[:, 1], np.where(ok, xp_p, np.nan))
+                best = np.fmax(prev_best, np.where(ok, xp_p, np.nan))
             else:
-                runmin, best = prev[:, 0], prev[:, 1]
+                runmin, best = prev_runmin, prev_best
             best_x[inc] = best
             runmin_x[inc] = runmin
-        self._state = {k: (t, entries[j], float(runmin_x[j]), float(best_x[j]))
-                       for j, k in enumerate(keys)}
+        self._id[slots] = ids
+        self._bar[slots] = t
+        self._entry[slots] = entries
+        self._runmin[slots] = runmin_x
+        self._best[slots] = best_x
         out = best_x * (direction.get() if hasattr(direction, "get") else direction)
         return xp.asarray(out)
+
+    def _grow(self, size: int) -> None:
+        size = max(size, 2 * len(self._id), 64)
+        extra = size - len(self._id)
+        self._id = np.concatenate([self._id, np.zeros(extra, dtype=np.int64)])
+        self._bar = np.concatenate([self._bar, np.full(extra, -2, dtype=np.int64)])
+        self._entry = np.concatenate([self._entry, np.zeros(extra, dtype=np.int64)])
+        self._runmin = np.concatenate([self._runmin, np.zeros(extra)])
+        self._best = np.concatenate([self._best, np.zeros(extra)])
+
+
+def _fmax_rows(w: np.ndarray, xp: ModuleType) -> np.ndarray:
+    """Largest value of each column ignoring NaN (NaN where all are), exact in any order."""
+    if xp is np:
+        return np.fmax.reduce(w, axis=0)
+    near = w[0]
+    for k in range(1, w.shape[0]):
+        near = xp.fmax(near, w[k])
+    return near
 
 
 def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
@@ -239,18 +306,20 @@ def _side_extremes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarr
 def exit_codes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
                entry_price: np.ndarray, params: ExitParams,
                ml_score: np.ndarray | None = None, xp: ModuleType = np,
-               last_only: bool = False, levels: np.ndarray | None = None) -> np.ndarray:
+               last_only: bool = False, levels: np.ndarray | None = None,
+               bar: int | None = None) -> np.ndarray:
     """Exit code per bar and held symbol (``[T, S]`` ints, indexes into ``REASONS``; with
     ``last_only`` the last bar's ``[S]``).
 
     ``direction`` is +1 (long) / -1 (short) per symbol, ``entry_price`` the average entry
     price (US dollars), ``entry_bar`` the bar whose open filled the entry; ``ml_score``
     (``[T, S]``, or ``[S]`` for the last bar; NaN = no score) is the exit model's probability;
-    ``levels`` (last bar only) are the peak/trough levels of an ``ExtremeTracker``.
+    ``levels`` (last bar only) are the peak/trough levels of an ``ExtremeTracker``; with
+    them ``close`` may hold the last bar only, and ``bar`` is then its index in the session.
     A bar without a close, or before the entry, holds (0). The first rule that fires, in
     ``REASONS`` order, is the reason.
     """
-    n_bars = close.shape[0]
+    n_bars = close.shape[0] if bar is None else bar + 1
     if levels is not None and last_only:  # from an ExtremeTracker
         peak = xp.where(direction > 0, levels, xp.nan)
         trough = xp.where(direction < 0, levels, xp.nan)
@@ -268,26 +337,28 @@ def exit_codes(close: np.ndarray, entry_bar: np.ndarray, direction: np.ndarray,
             full = xp.full(close.shape, xp.nan)
             full[-1] = ml_score
             ml_score = full
+    # Every comparison with NaN is False: a missing close is not live, a missing level or
+    # score never fires (so no NaN needs replacing first).
     with np.errstate(invalid="ignore"):
-        live = (bars >= entry_bar[None, :]) & (close > 0)  # NaN compares False
-    c = xp.nan_to_num(close)
-    long_ = (direction > 0)[None, :]
-    short = (direction < 0)[None, :]
-    avg = entry_price[None, :]
-    drop = params.peak_drop_pct
-    rules: list[tuple[int, np.ndarray]] = [
-        (PEAK, long_ & ~xp.isnan(peak) & (c <= xp.nan_to_num(peak) * (1 - drop))),
-        (TROUGH, short & ~xp.isnan(trough) & (c >= xp.nan_to_num(trough) * (1 + drop))),
-    ]
-    if ml_score is not None:
-        rules.append((ML_EXIT, ~xp.isnan(ml_score)
-                      & (xp.nan_to_num(ml_score) >= params.ml_exit_threshold)))
-    sl = params.stop_loss_pct
-    rules.append((STOP_LOSS, (long_ & (c <= avg * (1 - sl))) | (short & (c >= avg * (1 + sl)))))
-    if params.take_profit_pct > 0:
-        tp = params.take_profit_pct
-        rules.append((TAKE_PROFIT, (long_ & (c >= avg * (1 + tp)))
-                      | (short & (c <= avg * (1 - tp)))))
+        live = (bars >= entry_bar[None, :]) & (close > 0)
+        long_ = (direction > 0)[None, :]
+        short = (direction < 0)[None, :]
+        avg = entry_price[None, :]
+        drop = params.peak_drop_pct
+        c = close
+        rules: list[tuple[int, np.ndarray]] = [
+            (PEAK, long_ & (c <= peak * (1 - drop))),
+            (TROUGH, short & (c >= trough * (1 + drop))),
+        ]
+        if ml_score is not None:
+            rules.append((ML_EXIT, ml_score >= params.ml_exit_threshold))
+        sl = params.stop_loss_pct
+        rules.append((STOP_LOSS, (long_ & (c <= avg * (1 - sl)))
+                      | (short & (c >= avg * (1 + sl)))))
+        if params.take_profit_pct > 0:
+            tp = params.take_profit_pct
+            rules.append((TAKE_PROFIT, (long_ & (c >= avg * (1 + tp)))
+                          | (short & (c <= avg * (1 - tp)))))
     if params.max_holding_bars > 0:
         # held for (t - entry + 1) bars at the close of bar t
         rules.append((MAX_HOLD, bars - entry_bar[None, :] + 1 >= params.max_holding_bars))
@@ -309,6 +380,12 @@ def exit_reason(position: Position, mark: float | None, stop_loss_pct: float,
     if in_eod_window:
         return "eod"
     if mark is None or not math.isfinite(mark) or mark <= 0:
+        return None
+    # Far from the stop in floats (a margin of 1e-9, far above their rounding) means far
+    # from it in Decimal too: only marks near the stop need the exact check.
+    level = position.avg_float * (1 - stop_loss_pct if position.qty > 0 else 1 + stop_loss_pct)
+    if (position.qty > 0 and mark > level * (1 + 1e-9)) or (
+            position.qty < 0 and mark < level * (1 - 1e-9)) or position.qty == 0:
         return None
     price = Decimal(repr(float(mark)))
     stop = Decimal(repr(stop_loss_pct))

@@ -53,7 +53,14 @@ class Keys:
 
     # tick ---------------------------------------------------------------------------------
     def tick_guard(self, day: dt.date, bar: int) -> str:
-        return self.k(f"tick:{day.isoformat()}:{bar}")
+        return f"{self.tick_guard_prefix(day)}{bar}"
+
+    def tick_guard_prefix(self, day: dt.date) -> str:
+        return self.k(f"tick:{day.isoformat()}:")
+
+    def fills_done(self, day: dt.date) -> str:
+        """The last bar of ``day`` whose fills (positions and reservations) are applied."""
+        return self.k(f"fills_done:{day.isoformat()}")
 
     # bars ---------------------------------------------------------------------------------
     def bars(self, day: dt.date) -> str:

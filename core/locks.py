@@ -49,6 +49,27 @@ class TokenLock:
         self.held = False
         return bool(self._release(keys=[self._key], args=[self._token]))
 
+    # The same steps queued on a pipeline, so the lock rides on round trips made anyway.
+    def queue_acquire(self, pipe: Any) -> None:
+        """Queue the acquisition on ``pipe``; pass its reply to ``taken``."""
+        pipe.set(self._key, self._token, nx=True, px=self._ttl)
+
+    def taken(self, reply: Any) -> bool:
+        """Whether the queued acquisition took the lock (``reply``: its pipeline reply)."""
+        self.held = bool(reply)
+        return self.held
+
+    def queue_release(self, pipe: Any) -> None:
+        """Queue the release (compare-and-delete) on ``pipe``, e.g. at the end of the
+        transaction that writes what the lock guarded. ``held`` stays set: call
+        ``released`` once the pipeline ran, or ``release`` if it failed."""
+        if self.held:
+            self._release(keys=[self._key], args=[self._token], client=pipe)
+
+    def released(self) -> None:
+        """Record that a queued release ran."""
+        self.held = False
+
     def __enter__(self) -> TokenLock:
         self.acquire()
         return self

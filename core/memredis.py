@@ -299,7 +299,11 @@ class MemoryRedis:
 
         def run(keys: list[Any] | None = None, args: list[Any] | None = None,
                 client: Any = None) -> Any:
-            return twin(self, [_b(k) for k in keys or []], [_b(a) for a in args or []])
+            ks, av = [_b(k) for k in keys or []], [_b(a) for a in args or []]
+            if isinstance(client, _Pipeline):  # queued in order, like EVALSHA on a pipeline
+                client._calls.append((twin, (self, ks, av), {}))
+                return client
+            return twin(self, ks, av)
 
         return run
 
@@ -325,6 +329,9 @@ class _Pipeline:
             return self
 
         return queue
+
+    def __len__(self) -> int:
+        return len(self._calls)
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         calls, self._calls = self._calls, []
@@ -364,6 +371,27 @@ def _advance(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
         r.append(keys[3], row)
     r.hset(keys[0], mapping={"bar": int(nxt), "status": "running", "dispatched_at": argv[3]})
     return [b"advanced", row]
+
+
+def _advance_next(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    day_s, bar_s, settled_s, status = r.hmget(keys[0], ["day", "bar", "settled", "status"])
+    if status == b"finished" or day_s is None or _num(day_s) != _num(argv[0]):
+        return [b"miss"]
+    bar = _num(bar_s)
+    if _num(settled_s) != bar or bar is None:
+        return [b"miss"]
+    nxt = int(bar) + 1
+    if nxt >= int(argv[5]):
+        return [b"miss"]
+    if not r.set(argv[4] + str(nxt).encode(), "1", nx=True):
+        return [b"duplicate", nxt]
+    rb = int(argv[1])
+    off = nxt * rb
+    row = r.getrange(keys[1], off, off + rb - 1)
+    if r.strlen(keys[2]) == off:
+        r.append(keys[2], row)
+    r.hset(keys[0], mapping={"bar": nxt, "status": "running", "dispatched_at": argv[2]})
+    return [b"advanced", row, nxt]
 
 
 def _roll(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -461,6 +489,26 @@ def _rebuild(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     return total
 
 
+def _settle_fills(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    out = []
+    for i in range(1, len(argv) - 2, 3):
+        held = r.hget(keys[1], argv[i])
+        if held is None:
+            out.append(-1)
+            continue
+        e = int(held)
+        target = min(int(argv[i + 1]), e) if argv[i + 2] == b"1" else 0
+        if target < e:
+            used = int(r.get(keys[0]) or b"0")
+            peak = int(r.get(keys[2]) or b"0")
+            if used > peak:
+                r.set(keys[2], used)
+            r.incrby(keys[0], -(e - target))
+            r.hset(keys[1], argv[i], target)
+        out.append(e)
+    return out
+
+
 def _submit(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     existing = r.hget(keys[0], argv[0])
     if existing is not None:
@@ -494,11 +542,12 @@ def _twins() -> dict[str, Twin]:
         from core.market import bar_store
 
         _TWINS = {
-            replay._ADVANCE_LUA: _advance, replay._ROLL_LUA: _roll,
+            replay._ADVANCE_LUA: _advance, replay._ADVANCE_NEXT_LUA: _advance_next,
+            replay._ROLL_LUA: _roll,
             replay._SETTLE_LUA: _settle, replay._COMPLETE_LUA: _complete,
             bar_store._APPEND_LUA: _append_row,
             risk_store._RESERVE_LUA: _reserve, risk_store._ADJUST_LUA: _adjust,
-            risk_store._REBUILD_LUA: _rebuild,
+            risk_store._REBUILD_LUA: _rebuild, risk_store._SETTLE_LUA: _settle_fills,
             simulated._SUBMIT_LUA: _submit,
             locks._RELEASE_LUA: _release, locks._RENEW_LUA: _renew,
         }

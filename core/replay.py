@@ -47,6 +47,32 @@ redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', AR
 return {'advanced', row}
 """
 
+# The common tick in one round trip: publish the bar after the current one when it is
+# settled and still in the session the caller expects. Anything else ('miss': another day,
+# not settled, the day's last bar done, no run) is left to the full path (state, then
+# _ADVANCE). The guard key is the given prefix and the bar (a single Redis, no cluster).
+_ADVANCE_NEXT_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'day', 'bar', 'settled', 'status')
+if st[4] == 'finished' or st[1] == false then return {'miss'} end
+if tonumber(st[1]) ~= tonumber(ARGV[1]) then return {'miss'} end
+local bar = tonumber(st[2])
+if tonumber(st[3]) ~= bar then return {'miss'} end
+local nxt = bar + 1
+if nxt >= tonumber(ARGV[6]) then return {'miss'} end
+if not redis.call('SET', ARGV[5] .. nxt, '1', 'NX', 'EX', tonumber(ARGV[4])) then
+  return {'duplicate', nxt}
+end
+local rb = tonumber(ARGV[2])
+local off = nxt * rb
+local row = redis.call('GETRANGE', KEYS[2], off, off + rb - 1)
+if redis.call('STRLEN', KEYS[3]) == off then
+  redis.call('APPEND', KEYS[3], row)
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+end
+redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', ARGV[3])
+return {'advanced', row, nxt}
+"""
+
 _ROLL_LUA = """
 local st = redis.call('HMGET', KEYS[1], 'day', 'bar', 'settled', 'status')
 if st[4] == 'finished' then return 'finished' end
@@ -118,10 +144,12 @@ class RedisReplay:
         self._k = keys
         self._bars = bar_store
         self._advance = redis.register_script(_ADVANCE_LUA)
+        self._advance_next = redis.register_script(_ADVANCE_NEXT_LUA)
         self._roll = redis.register_script(_ROLL_LUA)
         self._settle = redis.register_script(_SETTLE_LUA)
         self._complete = redis.register_script(_COMPLETE_LUA)
         self._days: list[SessionMeta] | None = None
+        self._day_hint: int | None = None  # the session index this process last saw
 
     # -- set-up -----------------------------------------------------------------------------
     def prepare(self, days: list[DayBars]) -> None:
@@ -169,6 +197,7 @@ class RedisReplay:
         d = {k.decode(): v.decode() for k, v in raw.items()}
         days = self.days()
         day = int(d["day"])
+        self._day_hint = day
         return ReplayState(
             day=day, bar=int(d["bar"]), settled=int(d["settled"]), status=d["status"],
             dispatched_at=float(d.get("dispatched_at", 0) or 0), n_days=len(days),
@@ -198,6 +227,29 @@ class RedisReplay:
             return Advance(status)  # type: ignore[arg-type]
         row = rows_from_bytes(res[1], len(meta.symbols))[0]
         return Advance("advanced", meta, nxt, row)
+
+    def advance_next(self, now_wall: float) -> Advance | None:
+        """Publish the next bar in one round trip when the previous one is settled and the
+        session is the one this process last saw (the tick guard of ``Keys.tick_guard``
+        taken with SET NX). 'advanced' or 'duplicate'; None when the full path must decide
+        (another session, not settled, end of day, no run seen yet)."""
+        hint = self._day_hint
+        days = self.days() if hint is not None else []
+        if hint is None or not 0 <= hint < len(days):
+            return None
+        meta = days[hint]
+        res = self._advance_next(
+            keys=[self._k.replay_state(), self._k.replay_data(meta.date),
+                  self._k.bars(meta.date)],
+            args=[hint, meta.row_bytes, repr(now_wall), _TTL_S,
+                  self._k.tick_guard_prefix(meta.date), meta.n_bars])
+        status = res[0].decode()
+        if status == "miss":
+            return None
+        if status == "duplicate":
+            return Advance("duplicate", meta, int(res[1]))
+        row = rows_from_bytes(res[1], len(meta.symbols))[0]
+        return Advance("advanced", meta, int(res[2]), row)
 
     def fast_forward(self, to_bar: int) -> None:
         """Publish and settle every bar of the current session up to ``to_bar`` at once.
@@ -258,10 +310,15 @@ class RedisReplay:
         return bool(self._settle(keys=[self._k.replay_state()],
                                  args=[day.isoformat(), bar, repr(time.time())]))
 
-    def record_day_stats(self, stats: dict[str, object]) -> None:
-        """Append end-of-day figures (JSON) for the run's summary."""
-        self._r.rpush(self._k.replay_day_stats(), json.dumps(stats))
-        self._r.expire(self._k.replay_day_stats(), _TTL_S)
+    def record_day_stats(self, stats: dict[str, object], done_key: str | None = None) -> None:
+        """Append end-of-day figures (JSON) for the run's summary; with ``done_key``, set it
+        to "done" in the same transaction (the day counts as recorded exactly then)."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.rpush(self._k.replay_day_stats(), json.dumps(stats))
+        pipe.expire(self._k.replay_day_stats(), _TTL_S)
+        if done_key is not None:
+            pipe.set(done_key, "done", ex=_TTL_S)
+        pipe.execute()
 
     def day_stats(self) -> list[dict[str, object]]:
         """End-of-day figures recorded so far, one per finished day."""

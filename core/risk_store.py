@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from redis import Redis
 
@@ -52,6 +53,10 @@ class DailyLimitStore(Protocol):
     def reservation(self, day: dt.date, client_order_id: str) -> int | None: ...
 
     def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int: ...
+
+    def settle_fills(self, day: dt.date, fills: list[tuple[str, int, bool]],
+                     pipe: Any = None) -> Callable[[Any], list[int | None]] | list[int | None]:
+        ...
 
 
 def _valid_amount(amount_cents: object) -> bool:
@@ -109,6 +114,33 @@ return tonumber(redis.call('GET', KEYS[1]) or '0')
 """
 
 
+# Make reservations follow their orders' fills: for each (id, filled cents, filled?) shrink
+# the reservation to min(filled, reserved), or release it when nothing filled (as _ADJUST).
+# Returns what each order had reserved (-1: never reserved), so the caller can report.
+_SETTLE_LUA = """
+local out = {}
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV - 2, 3 do
+  local held = redis.call('HGET', KEYS[2], ARGV[i])
+  if not held then
+    table.insert(out, -1)
+  else
+    local e = tonumber(held)
+    local target = 0
+    if ARGV[i + 2] == '1' then target = math.min(tonumber(ARGV[i + 1]), e) end
+    if target < e then
+      local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+      local peak = tonumber(redis.call('GET', KEYS[3]) or '0')
+      if used > peak then redis.call('SET', KEYS[3], used, 'EX', ttl) end
+      redis.call('DECRBY', KEYS[1], e - target)
+      redis.call('HSET', KEYS[2], ARGV[i], target)
+    end
+    table.insert(out, e)
+  end
+end
+return out
+"""
+
 # Overwrite some reservations with values rebuilt from the broker, then recount the total.
 _REBUILD_LUA = """
 for i = 1, #ARGV - 1, 2 do
@@ -136,6 +168,7 @@ class RedisDailyLimitStore:
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._adjust = redis.register_script(_ADJUST_LUA)
         self._rebuild = redis.register_script(_REBUILD_LUA)
+        self._settle = redis.register_script(_SETTLE_LUA)
 
     def reserve(self, day: dt.date, client_order_id: str, amount_cents: int,
                 limit_cents: int) -> Reservation:
@@ -169,6 +202,29 @@ class RedisDailyLimitStore:
         if res < 0:
             raise ValueError(f"bad adjust amount {amount_cents!r}")
         return res
+
+    def settle_fills(self, day: dt.date, fills: list[tuple[str, int, bool]],
+                     pipe: Any = None) -> Callable[[Any], list[int | None]] | list[int | None]:
+        """Make each order's reservation follow its fill, atomically: ``fills`` holds
+        (client_order_id, filled value in cents, anything filled?); a filled order keeps
+        min(filled value, reserved), an unfilled one releases it all. Returns what each had
+        reserved (None: never reserved). With ``pipe`` the script is queued there and a
+        function that reads its reply is returned instead."""
+        args: list[object] = [_DAY_TTL_S]
+        for coid, filled_cents, any_filled in fills:
+            if not isinstance(filled_cents, int) or filled_cents < 0:
+                raise ValueError(f"bad filled value for {coid}: {filled_cents!r}")
+            args += [coid, filled_cents, "1" if any_filled else "0"]
+        k = self._keys
+        keys = [k.used_capital(day), k.reservations(day), k.used_capital_peak(day)]
+
+        def read(reply: Any) -> list[int | None]:
+            return [None if int(v) < 0 else int(v) for v in reply]
+
+        if pipe is not None:
+            self._settle(keys=keys, args=args, client=pipe)
+            return read
+        return read(self._settle(keys=keys, args=args))
 
     def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int:
         """Set reservations to amounts rebuilt from the broker and recount used (cents)."""
@@ -246,6 +302,18 @@ class MemoryDailyLimitStore:
             self._used[day] = self._used.get(day, 0) - (existing - amount_cents)
             res[client_order_id] = amount_cents
             return self._used[day]
+
+    def settle_fills(self, day: dt.date, fills: list[tuple[str, int, bool]],
+                     pipe: Any = None) -> Callable[[Any], list[int | None]] | list[int | None]:
+        out: list[int | None] = []
+        for coid, filled_cents, any_filled in fills:
+            held = self.reservation(day, coid)
+            out.append(held)
+            if held is not None:
+                target = min(filled_cents, held) if any_filled else 0
+                if target < held:
+                    self.adjust(day, coid, target)
+        return (lambda _reply: out) if pipe is not None else out
 
     def rebuild(self, day: dt.date, amounts: dict[str, int]) -> int:
         with self._lock:

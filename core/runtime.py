@@ -19,12 +19,14 @@ from core.calendar import NY, exchange_date
 from core.config import Settings
 from core.decision import DecisionParams
 from core.exits import ExtremeTracker
+from core.held import HeldColumns
 from core.keys import Keys
 from core.market.bar_store import BarWindow, RedisBarStore, SessionMeta
 from core.replay import RedisReplay
 from core.risk import RiskLimits
 from core.risk_store import RedisDailyLimitStore
 from core.scoring import ScoringParams
+from core.signals.sums import SessionSums
 from ml.predictor import ModelHolder, make_predictor
 
 
@@ -59,6 +61,11 @@ class Runtime:
     skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
     # incremental peak/trough state of held positions (the scoring process)
     extremes: ExtremeTracker = field(default_factory=ExtremeTracker)
+    # running sums of the session's bars for the rules (the scoring process)
+    sums: SessionSums = field(default_factory=SessionSums)
+    # the held positions as arrays over the universe, kept from bar to bar (scoring's
+    # exits, the decision's marks and loss limit)
+    held: HeldColumns = field(default_factory=HeldColumns)
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)

@@ -9,9 +9,11 @@ dollars, times America/New_York.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 from types import ModuleType
 from typing import Any
 
@@ -19,11 +21,13 @@ import numpy as np
 
 from core.brokers.base import Position
 from core.exits import REASONS, ExitParams, ExtremeTracker, exit_codes
+from core.held import HeldColumns, entry_offset
 from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME
-from core.signals import Signal
-from core.signals.orb import OrbParams, orb_signals
+from core.signals import RuleMasks, Signal
+from core.signals.orb import OrbParams, orb_masks
 from core.signals.random_entry import RandomParams, random_signals
-from core.signals.vwap import VwapParams, vwap_signals
+from core.signals.sums import SessionSums
+from core.signals.vwap import VwapParams, vwap_masks
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +77,14 @@ class ScoringParams:
 
 @dataclass
 class ScoredBar:
-    """What scoring found at one bar. ``exits`` maps symbol -> (reason, entry order id)."""
+    """What scoring found at one bar. ``exits`` maps symbol -> (reason, entry order id);
+    ``mark_array`` holds the marks in the universe's order, NaN where a symbol has none."""
 
     signals: list[Signal]
     marks: dict[str, float]
     exits: dict[str, tuple[str, str]]
     skipped: dict[str, str]
+    mark_array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
@@ -105,51 +111,96 @@ def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def mark_values(row: np.ndarray) -> np.ndarray:
+    """This bar's marks ([S] US dollars) from its row ([S, 5]): each symbol's close where it
+    is finite and positive and the bar's prices are consistent (``bar_problems``' test),
+    NaN elsewhere."""
+    closes = row[:, CLOSE]
+    px = row[:, :4]
+    with np.errstate(invalid="ignore"):
+        inconsistent = ~np.isnan(px).any(axis=1) & (
+            (px <= 0).any(axis=1) | ~np.isfinite(px).all(axis=1)
+            | (row[:, HIGH] < row[:, LOW])
+            | (row[:, CLOSE] > row[:, HIGH]) | (row[:, CLOSE] < row[:, LOW])
+            | (row[:, OPEN] > row[:, HIGH]) | (row[:, OPEN] < row[:, LOW]))
+        usable = np.isfinite(closes) & (closes > 0) & ~inconsistent
+    return np.where(usable, closes, np.nan)
+
+
 def entry_bar_of(position: Position, open_time: dt.datetime, bar_seconds: int,
                  bar: int) -> int | None:
     """Bar index whose open filled ``position`` (None when it opened in another session)."""
-    try:
-        opened = dt.datetime.fromisoformat(position.opened_at)
-    except (TypeError, ValueError):
-        return None
-    if opened.tzinfo is None:
-        return None
-    offset = (opened - open_time).total_seconds()
-    if offset < 0:
-        return None
-    return min(int(offset // bar_seconds), bar)
+    entry = entry_offset(position.opened_at, open_time, bar_seconds)
+    return None if entry is None else min(entry, bar)
+
+
+@functools.lru_cache(maxsize=16)
+def symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
+    """Symbol -> its column in a session's bars (memoised per universe)."""
+    return {s: i for i, s in enumerate(symbols)}
+
+
+def rule_masks(window: np.ndarray, params: ScoringParams, xp: ModuleType = np,
+               sums: SessionSums | None = None) -> list[RuleMasks]:
+    """Where each rule strategy of ``params`` fires at the last bar of ``window`` (the part of
+    scoring that needs no positions; ``score_bar`` builds the signals from it)."""
+    out = []
+    if "orb" in params.strategies and (m := orb_masks(window, params.orb, xp, sums)):
+        out.append(m)
+    if "vwap" in params.strategies and (m := vwap_masks(window, params.vwap, xp, sums)):
+        out.append(m)
+    return out
 
 
 def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datetime,
               bar_seconds: int, positions: dict[str, Position], params: ScoringParams,
               exit_model: ExitModel | None = None, xp: ModuleType = np,
-              tracker: ExtremeTracker | None = None) -> ScoredBar:
+              tracker: ExtremeTracker | None = None,
+              sums: SessionSums | None = None, skip_held: bool = False,
+              masks: list[RuleMasks] | None = None,
+              held: HeldColumns | None = None) -> ScoredBar:
     """Score the last bar of ``window`` ([t+1, S, 5]) for every symbol.
 
     Signals of symbols whose bar at ``t`` is unusable are dropped (``skipped`` says why);
     exits are evaluated only for positions of this session, with a close at ``t``.
+    ``tracker`` and ``sums`` carry the scoring process's state from bar to bar (peaks and
+    troughs, running sums); the result is the same without them. ``skip_held``: no signals
+    for symbols with an open position (the decision never enters those; the cluster and the
+    backtester pass it, which saves building signals nobody takes). ``masks``: the rules'
+    ``rule_masks`` for this window, when already computed; ``held``: the scoring process's
+    ``HeldColumns``, synced to ``positions`` (with it the tracker keys its state by column).
     """
     t = window.shape[0] - 1
     bar_time = open_time + dt.timedelta(seconds=t * bar_seconds)
     row = window[t]
     row_np = row.get() if hasattr(row, "get") else np.asarray(row)
     skipped = bar_problems(row_np, symbols)
+    index = symbol_index(symbols)
+    keyed = held is None  # no columns kept from bar to bar: the tracker keys by order id
+    if held is None:
+        held = HeldColumns().sync(positions, symbols, open_time, bar_seconds,
+                                  _session_date(open_time))
+    only = None
+    if skip_held or skipped:
+        only = np.ones(len(symbols), dtype=bool)
+        only[[index[s] for s in skipped]] = False
+        if skip_held:
+            only[held.held()] = False
+    if masks is None:
+        masks = rule_masks(window, params, xp, sums)
     signals: list[Signal] = []
-    if "orb" in params.strategies:
-        signals += orb_signals(window, symbols, bar_time, params.orb, xp)
-    if "vwap" in params.strategies:
-        signals += vwap_signals(window, symbols, bar_time, params.vwap, xp)
+    for m in masks:
+        signals += m.signals(symbols, bar_time, xp, only)
     if "random" in params.strategies:
-        signals += random_signals(window, symbols, bar_time, params.random, xp)
-    signals = [s for s in signals if s.symbol not in skipped]
-    closes = row_np[:, CLOSE]
-    bad = {s for s, why in skipped.items() if why.startswith("inconsistent")}
-    marks = {symbols[i]: float(closes[i]) for i in np.flatnonzero(np.isfinite(closes)
-                                                                   & (closes > 0))
-             if symbols[i] not in bad}
-    exits = held_exits(window, symbols, open_time, bar_seconds, positions, params.exits,
-                       marks, exit_model, xp, tracker)
-    return ScoredBar(signals=signals, marks=marks, exits=exits, skipped=skipped)
+        signals += [s for s in random_signals(window, symbols, bar_time, params.random, xp)
+                    if only is None or only[index[s.symbol]]]
+    mark_array = mark_values(row_np)
+    usable = ~np.isnan(mark_array)
+    marks = dict(zip(compress(symbols, usable.tolist()),
+                     compress(mark_array.tolist(), usable.tolist()), strict=True))
+    exits = _exits(window, held, usable, params.exits, exit_model, xp, tracker, keyed)
+    return ScoredBar(signals=signals, marks=marks, exits=exits, skipped=skipped,
+                     mark_array=mark_array)
 
 
 def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datetime,
@@ -157,28 +208,33 @@ def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datet
                marks: dict[str, float], exit_model: ExitModel | None = None,
                xp: ModuleType = np,
                tracker: ExtremeTracker | None = None) -> dict[str, tuple[str, str]]:
-    """Exit reason and entry order id of each held position that must close at ``t``."""
-    t = window.shape[0] - 1
-    index = {s: i for i, s in enumerate(symbols)}
-    held: list[tuple[str, int, int, int, float, str]] = []
-    entry_bars: dict[str, int | None] = {}  # many positions share an entry time
-    for sym, pos in sorted(positions.items()):
-        i = index.get(sym)
-        if i is None or pos.qty == 0 or sym not in marks:
-            continue
-        entry = entry_bars.get(pos.opened_at, -1)
-        if entry == -1:
-            entry = entry_bars[pos.opened_at] = entry_bar_of(pos, open_time, bar_seconds, t)
-        if entry is None:
-            continue  # an earlier session's position: the decision step closes it
-        held.append((sym, i, entry, 1 if pos.qty > 0 else -1, float(pos.avg_price),
-                     pos.entry_client_order_id))
-    if not held:
+    """Exit reason and entry order id of each held position that must close at ``t``
+    (positions of this session whose symbol has a mark)."""
+    held = HeldColumns().sync(positions, symbols, open_time, bar_seconds,
+                              _session_date(open_time))
+    usable = np.array([s in marks for s in symbols], dtype=bool)
+    return _exits(window, held, usable, params, exit_model, xp, tracker, True)
+
+
+def _session_date(open_time: dt.datetime) -> str:
+    """The exchange date of the session that opens at ``open_time`` (America/New_York)."""
+    return open_time.date().isoformat()
+
+
+def _exits(window: np.ndarray, held: HeldColumns, usable: np.ndarray, params: ExitParams,
+           exit_model: ExitModel | None, xp: ModuleType, tracker: ExtremeTracker | None,
+           keyed: bool) -> dict[str, tuple[str, str]]:
+    """The rule (and exit model) exits at the last bar of ``window`` of the held positions
+    of this session whose symbol has a usable mark (``usable``, per column). ``keyed``:
+    the tracker keys its state by entry order id (else by column and position id)."""
+    cols = np.flatnonzero((held.qty != 0) & held.today & (held.entry >= 0) & usable)
+    if not len(cols):
         return {}
-    idx = xp.asarray([h[1] for h in held])
-    entry_bar = xp.asarray([h[2] for h in held])
-    direction = xp.asarray([h[3] for h in held])
-    avg = xp.asarray([h[4] for h in held], dtype=float)
+    t = window.shape[0] - 1
+    idx = xp.asarray(cols)
+    entry_bar = xp.minimum(xp.asarray(held.entry[cols]), t)  # the entry bar, as of bar t
+    direction = xp.asarray(np.where(held.qty[cols] > 0, 1, -1))
+    avg = xp.asarray(held.avg[cols])
     ml_score = None
     if exit_model is not None:
         try:
@@ -186,16 +242,24 @@ def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datet
                                   dtype=float)
         except Exception:  # a broken model must never block the rule exits
             log.exception("exit model failed; rule exits only for this bar")
-    close = window[:, idx, CLOSE]
-    levels = None
+    closes = window[:, :, CLOSE]  # [T, S]; only the rows each rule needs are gathered
     if tracker is not None:
-        levels = tracker.levels(close, [h[5] for h in held], entry_bar, direction,
-                                params.peak_distance_bars, params.peak_prominence_pct, xp)
-    codes = exit_codes(close, entry_bar, direction, avg, params, ml_score, xp, last_only=True,
-                       levels=levels)
+        d, prom = params.peak_distance_bars, params.peak_prominence_pct
+        if keyed:
+            levels = tracker.levels(closes, [str(held.coid[c]) for c in cols], entry_bar,
+                                    direction, d, prom, xp, cols=idx)
+        else:
+            levels = tracker.levels_at(closes, cols, held.pid[cols], entry_bar, direction, d,
+                                       prom, xp, cols=idx)
+        codes = exit_codes(closes[t:, idx], entry_bar, direction, avg, params, ml_score, xp,
+                           last_only=True, levels=levels, bar=t)
+    else:
+        codes = exit_codes(closes[:, idx], entry_bar, direction, avg, params, ml_score, xp,
+                           last_only=True)
     codes_np = codes.get() if hasattr(codes, "get") else np.asarray(codes)
-    return {h[0]: (REASONS[int(c)], h[5]) for h, c in zip(held, codes_np, strict=True)
-            if int(c)}
+    hit = codes_np != 0
+    return {held.symbols[c]: (REASONS[code], str(held.coid[c]))
+            for c, code in zip(cols[hit].tolist(), codes_np[hit].tolist(), strict=True)}
 
 
 def log_skips(day: dt.date, skipped: dict[str, str], seen: set[tuple[str, str, str]],

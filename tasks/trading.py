@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from celery import chain
@@ -26,14 +28,43 @@ _RETRY = {"autoretry_for": (TransientError, RedisConnectionError, RedisTimeoutEr
 class CeleryDispatcher:
     """Hands work to the next step through the queues (routes from celeryconfig)."""
 
+    @property
+    def concurrent(self) -> bool:
+        """True when the next step runs in another process (not eagerly, inline): the tick
+        may then hand a bar to scoring before it applied the bar's fills, and scoring waits
+        for them (see ``core.engine.tick``)."""
+        return not app.conf.task_always_eager
+
+    _producer: Any = None  # the producer of an open ``batch``
+
     def score(self, payload: dict[str, Any]) -> None:
-        chain(score.s(payload), decide.s()).apply_async()
+        # what Flower and the logs show, given here: Celery's generic repr of an argument
+        # costs ~1 ms per KB, and decide's argument (the scored bar) is a few KB
+        bar = f"(date={payload.get('date')!r}, bar={payload.get('bar')!r})"
+        chain(score.s(payload).set(argsrepr=bar),
+              decide.s().set(argsrepr=f"(scored {bar})")).apply_async()
 
     def submit_order(self, intent: dict[str, Any]) -> None:
-        submit_order.apply_async(args=(intent,), argsrepr=_order_repr(intent))
+        submit_order.apply_async(args=(intent,), argsrepr=_order_repr(intent),
+                                 producer=self._producer)
 
     def close_position(self, intent: dict[str, Any]) -> None:
-        close_position.apply_async(args=(intent,), argsrepr=_order_repr(intent))
+        close_position.apply_async(args=(intent,), argsrepr=_order_repr(intent),
+                                   producer=self._producer)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Order tasks handed on inside go to Redis together, in one pipeline (kombu's
+        producer batch; one by one where the transport or kombu has none). A failure
+        inside discards what was not sent, and the task's retry sends it again."""
+        with app.producer_or_acquire() as producer:
+            make = getattr(producer, "batch", None)
+            self._producer = producer
+            try:
+                with make() if make is not None else contextlib.nullcontext():
+                    yield
+            finally:
+                self._producer = None
 
 
 def _order_repr(intent: dict[str, Any]) -> str:

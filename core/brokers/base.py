@@ -132,6 +132,11 @@ class Position:
         """Average entry price (US dollars), parsed once per object."""
         return Decimal(self.avg_price)
 
+    @functools.cached_property
+    def avg_float(self) -> float:
+        """Average entry price as a float (US dollars), parsed once per object."""
+        return float(self.avg_price)
+
     def to_json(self) -> str:
         """Serialise for storage (fields in declaration order)."""
         return json.dumps(_shallow(self), separators=(",", ":"))

@@ -28,13 +28,18 @@ participation cap.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import numpy as np
 from redis import Redis
@@ -42,7 +47,9 @@ from redis import Redis
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
 from core.brokers.fill_model import FillModel
 from core.brokers.fill_model import dec as _dec
+from core.errors import BrokerUnavailable
 from core.keys import Keys
+from core.locks import TokenLock
 from core.market.bar_store import SessionMeta
 from core.models import HIGH, LOW, OPEN, VOLUME
 from core.money import cents
@@ -52,6 +59,9 @@ log = logging.getLogger(__name__)
 
 _TICK = Decimal("0.0001")
 _TTL_S = 4 * 24 * 3600
+_LOCK_TTL_MS = 30_000  # the broker's lock expires if its holder dies
+_LOCK_WAIT_S = 10.0  # how long a writer waits for the lock before giving up (retried)
+_MAX_BOOK_CHANGES = 50_000  # changes kept for book_changes readers before they start over
 _WORKING = ("accepted", "partially_filled")
 
 # Record a new order once; a known client_order_id returns the stored order.
@@ -65,8 +75,27 @@ return {1, ARGV[2]}
 """
 
 
+# (the fill events, a transaction) -> the function that reads the replies of what it queued
+Also = Callable[[list[FillEvent], Any], Callable[[list[Any]], None]]
+
+
+@dataclass(frozen=True)
+class _Account:
+    """What one transaction read: the replay's session and bar (None, -1: no session),
+    cash (cents), the working orders' ids (sorted) and the positions."""
+
+    meta: SessionMeta | None
+    bar: int
+    cash: int
+    open_ids: list[str]
+    positions: dict[str, Position]
+
+
 class SimulatedBroker:
     """A broker with its account (cash, positions, orders, fills, trades) in Redis."""
+
+    # process_bar takes ``also``: the caller's fill bookkeeping joins its transaction
+    fills_in_one_transaction = True
 
     def __init__(self, redis: Redis, keys: Keys, replay: RedisReplay, model: FillModel,
                  starting_cash_cents: int = 10_000_000, margin_multiplier: int = 4,
@@ -81,9 +110,16 @@ class SimulatedBroker:
         self._margin = margin_multiplier
         self._htb = hard_to_borrow
         self._stops = protective_stops
-        self._positions_cache: tuple[bytes, dict[str, Position]] | None = None
-        self._parsed: dict[str, tuple[bytes, Position]] = {}
-        self._exposure_cache: tuple[bytes, tuple[int, int]] | None = None
+        # this process's copy of the positions, kept current from the positions log
+        self._book: dict[str, Position] = {}
+        self._book_epoch: bytes | None = None
+        self._book_n = 0  # log entries applied
+        # the symbols changed in the copy, in order, since it was (re)loaded (generation)
+        self._book_changes: list[str] = []
+        self._book_gen = 0
+        self._exposure_cache: tuple[tuple[bytes | None, int], tuple[int, int]] | None = None
+        # the last entry_check: (request, what the account looked like, its answer)
+        self._checked: tuple[OrderRequest, tuple[object, ...], str | None] | None = None
 
     # -- account set-up ---------------------------------------------------------------------
     def open_account(self) -> None:
@@ -95,9 +131,117 @@ class SimulatedBroker:
         return int(self._r.get(self._k.broker("cash")) or self._starting_cash)
 
     # -- Broker protocol --------------------------------------------------------------------
+    # Every call reads what it needs in one transaction (``_queue_account``): the replay
+    # clock, cash, the working orders and the positions that changed since this process
+    # last looked; an entry's check adds one more round trip (its quote and the working
+    # entries' values).
     def submit_order(self, request: OrderRequest) -> Order:
         """Accept an order for the next fillable bar; duplicates return the first order."""
-        meta, bar = self._replay.now()
+        return self._submit_with(request, self._read_account())
+
+    def entry_check(self, request: OrderRequest) -> str | None:
+        """Why the broker would reject this entry (wash trade, not shortable, halted, buying
+        power), or None. Execution asks before reserving capital; two round trips. The
+        answer is kept for the submission of the same request that follows: when the
+        account reads the same then, the check is not run again."""
+        pipe = self._r.pipeline(transaction=True)
+        finish = self.queue_entry_check(pipe, request)
+        return finish(pipe.execute())
+
+    def queue_entry_check(self, pipe: Any, request: OrderRequest) -> Callable[[list[Any]],
+                                                                              str | None]:
+        """``entry_check`` whose first read rides on the caller's round trip (``pipe``);
+        the returned function takes the replies of what it queued and answers."""
+        read = self._queue_account(pipe)
+
+        def finish(replies: list[Any]) -> str | None:
+            account = read(replies)
+            refusal = self._entry_refusal(request, account)
+            self._checked = (request, self._fingerprint(account), refusal)
+            return refusal
+
+        return finish
+
+    def _fingerprint(self, account: _Account) -> tuple[object, ...]:
+        """What an entry's check depends on besides the request: the session and bar (the
+        quote), cash, the working orders (their value) and the positions (their version)."""
+        return (account.meta.date if account.meta else None, account.bar, account.cash,
+                tuple(account.open_ids), self._book_epoch, self._book_n)
+
+    def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
+        """Submit a market order that closes the whole position at fill time (None if flat).
+        One round trip before the order is accepted: the clock and this one position."""
+        pipe = self._r.pipeline(transaction=True)
+        finish = self.queue_close(pipe, symbol)
+        return finish(pipe.execute())(client_order_id, reason)
+
+    def queue_close(self, pipe: Any, symbol: str) -> Callable[
+            [list[Any]], Callable[[str, str], Order | None]]:
+        """``close_position``'s reads on the caller's round trip (``pipe``): the returned
+        function takes their replies and gives the close, (client_order_id, reason) ->
+        the order (None when flat)."""
+        pipe.hmget(self._k.replay_state(), "day", "bar", "status")
+        pipe.hget(self._k.broker("positions"), symbol)
+
+        def finish(replies: list[Any]) -> Callable[[str, str], Order | None]:
+            state, raw = replies
+
+            def close(client_order_id: str, reason: str) -> Order | None:
+                if raw is None:
+                    return None
+                pos = Position.from_json(raw)
+                # an exit needs only the clock: cash and working orders matter to entries
+                meta, bar = self._now_from(state)
+                account = _Account(meta, bar, 0, [], {symbol: pos})
+                return self._submit_with(OrderRequest(
+                    client_order_id=client_order_id, symbol=symbol,
+                    side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty), intent="exit",
+                    close=True, reason=reason, strategy=pos.strategy), account)
+
+            return close
+
+        return finish
+
+    def queue_lookup(self, pipe: Any, client_order_id: str) -> Callable[[Any], Order | None]:
+        """Queue ``get_order_by_client_id`` on ``pipe`` (the caller's round trip); returns
+        the function that turns its reply into the order."""
+        pipe.hget(self._k.broker("orders"), client_order_id)
+        return lambda raw: Order.from_json(raw) if raw else None
+
+    def _read_account(self) -> _Account:
+        pipe = self._r.pipeline(transaction=True)
+        read = self._queue_account(pipe)
+        return read(pipe.execute())
+
+    def _queue_account(self, pipe: Any) -> Callable[[list[Any]], _Account]:
+        """Queue the account's reads on ``pipe``: the clock, cash, the working orders and
+        the positions that changed; the function returned reads the replies."""
+        k = self._k
+        pipe.hmget(k.replay_state(), "day", "bar", "status")
+        pipe.get(k.broker("cash"))
+        pipe.smembers(k.broker("open_orders"))
+        self._queue_book(pipe)
+
+        def read(replies: list[Any]) -> _Account:
+            state, cash, open_ids, *book = replies
+            meta, bar = self._now_from(state)
+            return _Account(meta, bar,
+                            int(cash) if cash is not None else self._starting_cash,
+                            sorted(x.decode() for x in open_ids), self._apply_book(*book))
+
+        return read
+
+    def _now_from(self, state: list[Any]) -> tuple[SessionMeta | None, int]:
+        """The replay's session and last bar from an HMGET of day, bar and status (None,
+        -1 when no session is running)."""
+        day, bar, status = state
+        days = self._replay.days()
+        if day is None or status in (b"finished", b"empty") or not 0 <= int(day) < len(days):
+            return None, -1
+        return days[int(day)], int(bar)
+
+    def _submit_with(self, request: OrderRequest, account: _Account) -> Order:
+        meta, bar = account.meta, account.bar
         status, reason = "accepted", ""
         if request.qty <= 0 or request.qty != int(request.qty):
             status, reason = "rejected", "quantity must be a positive whole number of shares"
@@ -112,7 +256,12 @@ class SimulatedBroker:
         elif request.stop_price is not None and (why := self._stop_refusal(request)):
             status, reason = "rejected", why
         elif request.intent == "entry":
-            refusal = self.entry_check(request)
+            memo, self._checked = self._checked, None
+            if memo is not None and memo[0] == request and memo[1] == self._fingerprint(
+                    account):
+                refusal = memo[2]  # checked a moment ago on the very same account
+            else:
+                refusal = self._entry_refusal(request, account)
             if refusal:
                 status, reason = "rejected", refusal
         session = meta.date.isoformat() if meta else ""
@@ -142,34 +291,28 @@ class SimulatedBroker:
                 "reason": stored.status_reason})
         return stored
 
-    def entry_check(self, request: OrderRequest) -> str | None:
-        """Why the broker would reject this entry (wash trade, not shortable, halted, buying
-        power), or None. Execution asks before reserving capital; two round trips."""
+    def _entry_refusal(self, request: OrderRequest, account: _Account) -> str | None:
+        """Why this entry is refused given the account as read (one more round trip for the
+        quote and the working entries), or None."""
         k = self._k
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hmget(k.replay_state(), "day", "bar", "status")
-        pipe.hget(k.broker("positions"), request.symbol)
-        pipe.get(k.broker("cash"))
-        pipe.get(k.broker("positions_version"))
-        pipe.smembers(k.broker("open_orders"))
-        (day, bar_raw, status), pos_raw, cash_raw, version, open_ids = pipe.execute()
-        days = self._replay.days()
-        if day is None or status == b"finished" or not 0 <= int(day) < len(days):
+        meta, bar = account.meta, account.bar
+        if meta is None:
             return "market closed: no replay session is running"
-        meta, bar = days[int(day)], int(bar_raw)
         if request.stop_price is not None and (why := self._stop_refusal(request)):
             return why
-        if pos_raw and (Position.from_json(pos_raw).qty > 0) != (request.side == "buy"):
+        pos = account.positions.get(request.symbol)
+        if pos is not None and (pos.qty > 0) != (request.side == "buy"):
             return "opposite-side position open (wash trade)"
         if request.side == "sell" and request.symbol in self._htb:
             return f"{request.symbol} is not shortable (hard to borrow)"
         price = Decimal(request.limit_price) if _positive(request.limit_price) else None
         pipe = self._r.pipeline(transaction=False)
-        quote = request.symbol in meta.symbols and bar >= 0
+        index = _symbol_index(meta.symbols)
+        quote = request.symbol in index and bar >= 0
         if quote:
-            off = bar * meta.row_bytes + meta.symbols.index(request.symbol) * 40
+            off = bar * meta.row_bytes + index[request.symbol] * 40
             pipe.getrange(k.replay_data(meta.date), off + 24, off + 31)  # the close
-        ids = sorted(x.decode() for x in open_ids)
+        ids = account.open_ids
         if price is not None and ids:
             pipe.hmget(k.broker("orders"), ids)
         replies = pipe.execute() if (quote or (price is not None and ids)) else []
@@ -187,36 +330,23 @@ class SimulatedBroker:
                     o = Order.from_json(raw)
                     if o.intent == "entry" and o.limit_price:
                         working += cents(Decimal(o.limit_price) * (o.qty - o.filled_qty))
-        exposure, signed_cost = self._exposure(version)
-        cash = int(cash_raw) if cash_raw is not None else self._starting_cash
-        power = (cash + signed_cost) * self._margin - exposure - working
+        exposure, signed_cost = self._exposure(account.positions)
+        power = (account.cash + signed_cost) * self._margin - exposure - working
         if cents(price * request.qty) > power:
             return "insufficient buying power"
         return None
 
-    def _exposure(self, version: bytes | None) -> tuple[int, int]:
-        """(gross value, signed cost) of open positions at entry prices, cached by version."""
-        if self._exposure_cache is not None and version is not None \
-                and self._exposure_cache[0] == version:
+    def _exposure(self, positions: dict[str, Position]) -> tuple[int, int]:
+        """(gross value, signed cost) of open positions at entry prices in cents, cached for
+        the positions this process last read."""
+        version = (self._book_epoch, self._book_n)
+        if self._exposure_cache is not None and self._exposure_cache[0] == version:
             return self._exposure_cache[1]
-        positions, _ = self.snapshot()
         gross = sum((p.avg * abs(p.qty) for p in positions.values()), Decimal(0))
         signed = sum((p.avg * p.qty for p in positions.values()), Decimal(0))
         value = (cents(gross), cents(signed))
-        if version is not None:
-            self._exposure_cache = (version, value)
+        self._exposure_cache = (version, value)
         return value
-
-    def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
-        """Submit a market order that closes the whole position at fill time (None if flat)."""
-        raw = self._r.hget(self._k.broker("positions"), symbol)
-        if raw is None:
-            return None
-        pos = Position.from_json(raw)
-        return self.submit_order(OrderRequest(
-            client_order_id=client_order_id, symbol=symbol,
-            side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty), intent="exit",
-            close=True, reason=reason, strategy=pos.strategy))
 
     def get_order_by_client_id(self, client_order_id: str) -> Order | None:
         """The order with this client_order_id, or None."""
@@ -247,12 +377,12 @@ class SimulatedBroker:
         return [Order.from_json(raw) for raw in raws if raw]
 
     def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
-        """Positions and open orders; positions are re-read only when they changed."""
-        pipe = self._r.pipeline(transaction=False)
-        pipe.get(self._k.broker("positions_version"))
+        """Positions and open orders; only the positions that changed are read."""
+        pipe = self._r.pipeline(transaction=True)
+        self._queue_book(pipe)
         pipe.smembers(self._k.broker("open_orders"))
-        version, open_ids = pipe.execute()
-        positions = self._positions_at(version)
+        *book, open_ids = pipe.execute()
+        positions = self._apply_book(*book)
         ids = sorted(x.decode() for x in open_ids)
         orders = []
         if ids:
@@ -260,29 +390,113 @@ class SimulatedBroker:
                       if r]
         return positions, orders
 
-    def positions_cached(self) -> dict[str, Position]:
-        """Open positions by symbol: one round trip when nothing changed since the last read."""
-        return self._positions_at(self._r.get(self._k.broker("positions_version")))
+    def queue_snapshot(self, pipe: Any, day: dt.date) -> tuple[int, Callable[
+            [list[Any]], tuple[dict[str, Position], list[Order], int]]]:
+        """Queue the reads of ``snapshot`` and of ``realized_pnl_cents(day)`` on ``pipe`` (a
+        transaction the caller runs with its own reads). Returns how many replies they take
+        and the function that turns those replies into (positions, open orders, realized
+        cents); it makes one more round trip only when orders are working."""
+        self._queue_book(pipe)
+        pipe.smembers(self._k.broker("open_orders"))
+        pipe.get(self._k.broker(f"realized:{day.isoformat()}"))
 
-    def _positions_at(self, version: bytes | None) -> dict[str, Position]:
-        cached = self._positions_cache
-        if cached is not None and version is not None and cached[0] == version:
-            return dict(cached[1])
+        def finish(replies: list[Any]) -> tuple[dict[str, Position], list[Order], int]:
+            epoch, entries, open_ids, realized = replies
+            positions = self._apply_book(epoch, entries)
+            ids = sorted(x.decode() for x in open_ids)
+            orders = []
+            if ids:
+                orders = [Order.from_json(r)
+                          for r in self._r.hmget(self._k.broker("orders"), ids) if r]
+            return positions, orders, int(realized or 0)
+
+        return 4, finish
+
+    def positions_cached(self) -> dict[str, Position]:
+        """Open positions by symbol: one round trip, and only the positions that changed
+        since this process last looked are read and parsed."""
         pipe = self._r.pipeline(transaction=True)
-        pipe.get(self._k.broker("positions_version"))
+        self._queue_book(pipe)
+        return self._apply_book(*pipe.execute())
+
+    def queue_positions(self, pipe: Any) -> tuple[int, Callable[[list[Any]], dict[str,
+                                                                          Position]]]:
+        """Queue ``positions_cached``'s reads on ``pipe`` (a transaction the caller runs);
+        returns how many replies they take and the function that turns them into the
+        positions."""
+        self._queue_book(pipe)
+        return 2, lambda replies: self._apply_book(*replies)
+
+    # The positions log: every change of the positions hash appends "SYMBOL\n<json>" (or
+    # "SYMBOL\n" when it closed) in the same transaction, so a reader that has applied the
+    # first n entries catches up with LRANGE n -1. The end of a session empties the log and
+    # bumps the epoch; a reader of another epoch (or a new one) reloads the hash.
+    def _queue_book(self, pipe) -> None:
+        pipe.get(self._k.broker("positions_epoch"))
+        pipe.lrange(self._k.broker("positions_log"), self._book_n, -1)
+
+    def _apply_book(self, epoch: bytes | None, entries: list[bytes]) -> dict[str, Position]:
+        if self._book_epoch is None or (epoch or b"0") != self._book_epoch:
+            return self._reload_book()
+        book = self._book
+        changed = self._book_changes
+        for entry in entries:
+            sym, _, raw = entry.partition(b"\n")
+            name = sym.decode()
+            if raw:
+                book[name] = Position.from_json(raw)
+            else:
+                book.pop(name, None)
+            changed.append(name)
+        self._book_n += len(entries)
+        if len(changed) > _MAX_BOOK_CHANGES:  # readers of the changes start over once
+            self._book_gen += 1
+            changed.clear()
+        return dict(book)
+
+    def book_changes(self, cursor: tuple[int, int] | None) -> tuple[tuple[int, int],
+                                                                     list[str] | None]:
+        """The symbols whose position changed in this process's copy since ``cursor``
+        (None: a reader that has seen nothing, or after this copy was reloaded; read them
+        all), and the cursor to pass next time."""
+        now = (self._book_gen, len(self._book_changes))
+        if cursor is None or cursor[0] != self._book_gen:
+            return now, None
+        return now, self._book_changes[cursor[1]:]
+
+    def _reload_book(self) -> dict[str, Position]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.get(self._k.broker("positions_epoch"))
+        pipe.llen(self._k.broker("positions_log"))
         pipe.hgetall(self._k.broker("positions"))
-        version, raw_pos = pipe.execute()
-        positions = {}
-        parsed = {}
-        for key, raw in raw_pos.items():
-            sym = key.decode()
-            hit = self._parsed.get(sym)
-            pos = hit[1] if hit is not None and hit[0] == raw else Position.from_json(raw)
-            parsed[sym] = (raw, pos)
-            positions[sym] = pos
-        self._parsed = parsed  # only positions whose stored JSON changed were parsed
-        self._positions_cache = (version, dict(positions))
-        return positions
+        epoch, n, raw = pipe.execute()
+        self._book = {k.decode(): Position.from_json(v) for k, v in raw.items()}
+        self._book_gen += 1
+        self._book_changes = []
+        self._book_epoch = epoch or b"0"
+        self._book_n = int(n)
+        return dict(self._book)
+
+    def _log_position(self, pipe, symbol: str, position: Position | None) -> None:
+        """Queue one change of ``symbol``'s position (None: closed) on a transaction."""
+        k = self._k
+        if position is None:
+            pipe.hdel(k.broker("positions"), symbol)
+        else:
+            pipe.hset(k.broker("positions"), symbol, position.to_json())
+        log_key = k.broker("positions_log")
+        pipe.rpush(log_key, f"{symbol}\n{position.to_json() if position else ''}")
+        pipe.expire(log_key, _TTL_S)
+
+    def compact_positions_log(self) -> None:
+        """Empty the positions log (readers reload the hash once): at the end of a session.
+        Under the broker's lock, so a reader holding it sees one epoch."""
+        with self._lock():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(self._k.broker("positions_log"))
+            pipe.incr(self._k.broker("positions_epoch"))
+            pipe.expire(self._k.broker("positions_epoch"), _TTL_S)
+            pipe.execute()
 
     def get_positions(self) -> dict[str, Position]:
         """Open positions by symbol."""
@@ -310,78 +524,119 @@ class SimulatedBroker:
         return [json.loads(x) for x in self._r.lrange(self._k.broker("trades"), 0, -1)]
 
     # -- the market moving ------------------------------------------------------------------
-    def process_bar(self, meta: SessionMeta, bar: int, row: np.ndarray) -> list[FillEvent]:
+    def process_bar(self, meta: SessionMeta, bar: int, row: np.ndarray,
+                    also: Also | None = None) -> list[FillEvent]:
         """Fill the open orders due at bar ``bar`` of the session using its open prices.
 
         With protective stops on, the positions' stops are checked against this bar first.
         Processing the same bar again fills nothing twice: a partially filled order is next
-        due at the following bar, a stopped position is gone.
+        due at the following bar, a stopped position is gone. Three round trips when
+        something is working: the open orders; the broker's lock with the orders and the
+        positions that changed; the writes with the lock's release, in one transaction.
+        ``also(events, pipe)`` queues more commands on that transaction (the caller's
+        bookkeeping of the fills) and returns what reads their replies; with nothing working
+        they go in a round trip of their own.
         """
         events: list[FillEvent] = []
+        k = self._k
+        pipe = self._r.pipeline(transaction=False)
+        pipe.smembers(k.broker("open_orders"))
         if self._stops:
-            pipe = self._r.pipeline(transaction=False)
-            pipe.scard(self._k.broker("open_orders"))
-            pipe.hlen(self._k.broker("positions"))
-            n_open, n_positions = pipe.execute()
-            if not n_open and not n_positions:
-                return events
-        elif not self._r.scard(self._k.broker("open_orders")):
-            return events  # the common case: nothing working, no lock, one round trip
-        session = meta.date.isoformat()
-        with self._lock():
-            working = self.list_open_orders()
-            orders = [o for o in working
-                      if o.session_date == session and o.fill_after_bar <= bar]
-            if not orders and not self._stops:
-                return events
-            if self._stops:
-                positions = {k.decode(): Position.from_json(v) for k, v in
-                             self._r.hgetall(self._k.broker("positions")).items()}
-            else:
-                wanted = sorted({o.symbol for o in orders})
-                raw = self._r.hmget(self._k.broker("positions"), wanted)
-                positions = {sym: Position.from_json(r)
-                             for sym, r in zip(wanted, raw, strict=True) if r}
-            index = {s: i for i, s in enumerate(meta.symbols)}
-            when = meta.bar_time(bar).isoformat()
+            pipe.hlen(k.broker("positions"))
+        open_ids, *n_positions = pipe.execute()
+        if not open_ids and not (n_positions and n_positions[0]):
+            if also is not None:  # nothing working: the caller's commands alone
+                pipe = self._r.pipeline(transaction=True)
+                finish = also(events, pipe)
+                finish(pipe.execute())
+            return events  # the common case: nothing working, no lock
+        ids = sorted(x.decode() for x in open_ids)
+        lock = TokenLock(self._r, k.broker("lock"), ttl_ms=_LOCK_TTL_MS)
+        pipe = self._r.pipeline(transaction=False)
+        lock.queue_acquire(pipe)
+        if ids:
+            pipe.hmget(k.broker("orders"), ids)
+        self._queue_book(pipe)
+        got, *rest = pipe.execute()
+        if not lock.taken(got):
+            # another process holds the broker: wait for it, then read everything again
+            self._acquire(lock)
             pipe = self._r.pipeline(transaction=True)
-            cash_delta = 0
-            if self._stops:
-                stopped: set[str] = set()
-                for sym in sorted(positions):
-                    hit = self._stop_fill(positions[sym], meta, bar, row, index, positions, pipe)
-                    if hit is None:
-                        continue
-                    event, delta = hit
-                    cash_delta += delta
-                    stopped.add(sym)
-                    events.append(event)
-                for order in working:
-                    if order.symbol in stopped and order.intent == "exit":
-                        done = order.with_(status="cancelled",
-                                           status_reason="position closed by protective stop")
-                        pipe.hset(self._k.broker("orders"), order.client_order_id,
-                                  done.to_json())
-                        pipe.srem(self._k.broker("open_orders"), order.client_order_id)
-                        events.append(self._event(done))
-                orders = [o for o in orders if not (o.symbol in stopped and o.intent == "exit")]
-            for order in orders:
-                i = index.get(order.symbol)
-                px = row[i, OPEN] if i is not None else math.nan
-                if not (math.isfinite(px) and px > 0):
-                    continue  # no bar for this symbol now: no fill, try the next bar
-                cap = self._model.volume_cap(float(row[i, VOLUME]))
-                done, event, delta = self._fill(order, px, cap, when, bar, positions, pipe)
-                if event is None:
-                    continue  # a working order that could not fill in this bar
+            pipe.smembers(k.broker("open_orders"))
+            self._queue_book(pipe)
+            open_ids, *book = pipe.execute()
+            ids = sorted(x.decode() for x in open_ids)
+            raws = self._r.hmget(k.broker("orders"), ids) if ids else []
+        else:
+            raws = rest.pop(0) if ids else []
+            book = rest
+        try:
+            positions = self._apply_book(*book)
+            working = [o for o in (Order.from_json(r) for r in raws if r)
+                       if o.status in _WORKING]
+            writes = _Coalesced()
+            events = self._fill_due(meta, bar, row, working, positions, writes)
+            pipe = self._r.pipeline(transaction=True)
+            writes.queue_on(pipe)
+            n = len(pipe)
+            finish = also(events, pipe) if also is not None else None
+            m = len(pipe)
+            lock.queue_release(pipe)
+            replies = pipe.execute()
+        except BaseException:
+            lock.release()  # the queued release may not have run
+            raise
+        lock.released()
+        if finish is not None:
+            finish(replies[n:m])
+        return events
+
+    def _fill_due(self, meta: SessionMeta, bar: int, row: np.ndarray, working: list[Order],
+                  positions: dict[str, Position], pipe) -> list[FillEvent]:
+        """Queue on ``pipe`` the fills of bar ``bar`` (protective stops first, then the
+        orders due); ``positions`` is updated as the fills land. Returns the events."""
+        events: list[FillEvent] = []
+        session = meta.date.isoformat()
+        orders = [o for o in working if o.session_date == session and o.fill_after_bar <= bar]
+        if not orders and not self._stops:
+            return events
+        index = _symbol_index(meta.symbols)
+        when = meta.bar_time(bar).isoformat()
+        cash_delta = 0
+        if self._stops:
+            stopped: set[str] = set()
+            for sym in sorted(positions):
+                hit = self._stop_fill(positions[sym], meta, bar, row, index, positions, pipe)
+                if hit is None:
+                    continue
+                event, delta = hit
                 cash_delta += delta
-                pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
-                if done.status not in _WORKING:
-                    pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+                stopped.add(sym)
                 events.append(event)
-            if cash_delta:
-                pipe.incrby(self._k.broker("cash"), cash_delta)
-            pipe.execute()
+            for order in working:
+                if order.symbol in stopped and order.intent == "exit":
+                    done = order.with_(status="cancelled",
+                                       status_reason="position closed by protective stop")
+                    pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
+                    pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+                    events.append(self._event(done))
+            orders = [o for o in orders if not (o.symbol in stopped and o.intent == "exit")]
+        for order in orders:
+            i = index.get(order.symbol)
+            px = row[i, OPEN] if i is not None else math.nan
+            if not (math.isfinite(px) and px > 0):
+                continue  # no bar for this symbol now: no fill, try the next bar
+            cap = self._model.volume_cap(float(row[i, VOLUME]))
+            done, event, delta = self._fill(order, px, cap, when, bar, positions, pipe)
+            if event is None:
+                continue  # a working order that could not fill in this bar
+            cash_delta += delta
+            pipe.hset(self._k.broker("orders"), order.client_order_id, done.to_json())
+            if done.status not in _WORKING:
+                pipe.srem(self._k.broker("open_orders"), order.client_order_id)
+            events.append(event)
+        if cash_delta:
+            pipe.incrby(self._k.broker("cash"), cash_delta)
         return events
 
     def expire_session_orders(self, session_date: dt.date) -> list[FillEvent]:
@@ -406,18 +661,37 @@ class SimulatedBroker:
 
     # -- internals --------------------------------------------------------------------------
     def _bump_exit_attempt(self, symbol: str, pipe=None) -> None:
-        """Count an exit of ``symbol`` that ended unfilled, so the next one gets a new id."""
+        """Count an exit of ``symbol`` that ended unfilled, so the next one gets a new id
+        (queued on ``pipe``, a transaction, or written in one of its own)."""
         raw = self._r.hget(self._k.broker("positions"), symbol)
         if not raw:
             return
         pos = Position.from_json(raw)
         new = dc_replace(pos, **{"exit_attempt": pos.exit_attempt + 1})
-        target = pipe or self._r
-        target.hset(self._k.broker("positions"), symbol, new.to_json())
-        target.incr(self._k.broker("positions_version"))
+        target = pipe if pipe is not None else self._r.pipeline(transaction=True)
+        self._log_position(target, symbol, new)
+        if pipe is None:
+            target.execute()
 
-    def _lock(self):
-        return self._r.lock(self._k.broker("lock"), timeout=30, blocking_timeout=10)
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Hold the broker's lock (one writer of orders and positions at a time)."""
+        lock = TokenLock(self._r, self._k.broker("lock"), ttl_ms=_LOCK_TTL_MS)
+        self._acquire(lock)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _acquire(lock: TokenLock) -> None:
+        """Take ``lock``, waiting up to ``_LOCK_WAIT_S`` for its holder; BrokerUnavailable
+        (transient: the task is retried) when it is still held then."""
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable("simulated broker busy: its lock is still held")
+            time.sleep(0.002)
 
     def _stop_refusal(self, request: OrderRequest) -> str | None:
         """Why an order carrying a protective stop is refused, or None."""
@@ -509,7 +783,6 @@ class SimulatedBroker:
         pos = positions.get(order.symbol)
         fees = self._model.fees_cents(qty)
         notional = cents(price * qty)
-        pipe.incr(self._k.broker("positions_version"))
         sign = 1 if order.side == "buy" else -1
         cash_delta = -sign * notional - fees
         signed = sign * qty
@@ -522,14 +795,14 @@ class SimulatedBroker:
                            entry_fees_cents=fees,
                            stop_price=order.stop_price if order.intent == "entry" else None)
             positions[order.symbol] = new
-            pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
+            self._log_position(pipe, order.symbol, new)
         elif (pos.qty > 0) == (signed > 0):
             total = pos.qty + signed
             avg = ((pos.avg * abs(pos.qty) + price * qty) / abs(total)).quantize(_TICK)
             new = dc_replace(pos, **{"qty": total, "avg_price": str(avg),
                               "entry_fees_cents": pos.entry_fees_cents + fees})
             positions[order.symbol] = new
-            pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
+            self._log_position(pipe, order.symbol, new)
         else:
             held = abs(pos.qty)
             closing = min(qty, held)
@@ -554,12 +827,12 @@ class SimulatedBroker:
             if remaining == 0 or (remaining > 0) != (pos.qty > 0):
                 flat = True
                 positions.pop(order.symbol, None)
-                pipe.hdel(self._k.broker("positions"), order.symbol)
+                self._log_position(pipe, order.symbol, None)
             else:
                 new = dc_replace(pos, **{"qty": remaining,
                                   "entry_fees_cents": pos.entry_fees_cents - entry_fees})
                 positions[order.symbol] = new
-                pipe.hset(self._k.broker("positions"), order.symbol, new.to_json())
+                self._log_position(pipe, order.symbol, new)
         filled = order.filled_qty + qty
         value = Decimal(order.filled_notional or "0") + price * qty
         avg_px = price if not order.filled_qty else (value / filled).quantize(
@@ -582,6 +855,65 @@ class SimulatedBroker:
         notional = cents(Decimal(order.filled_notional)) if order.filled_notional else 0
         return FillEvent(order.client_order_id, order.symbol, order.intent, order.status,
                          order.filled_qty, notional, order.session_date)
+
+
+class _Coalesced:
+    """Writes queued like a transaction's, sent as few commands as possible: one HSET and
+    one HDEL per hash, one RPUSH per list, one SREM per set, one INCRBY per counter. The
+    transaction applies them at once, so merging changes nothing as long as a field written
+    twice keeps its last value and a list keeps its order (both kept here). Saves the
+    client's per-command cost (~20 us each) on bars that fill many orders."""
+
+    _DELETED = object()
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, dict[str, object]] = {}
+        self._lists: dict[str, list[str]] = {}
+        self._srem: dict[str, list[str]] = {}
+        self._incr: dict[str, int] = {}
+        self._expire: dict[str, int] = {}
+
+    def hset(self, key: str, field: str, value: str) -> None:
+        self._hashes.setdefault(key, {})[field] = value
+
+    def hdel(self, key: str, field: str) -> None:
+        self._hashes.setdefault(key, {})[field] = self._DELETED
+
+    def rpush(self, key: str, value: str) -> None:
+        self._lists.setdefault(key, []).append(value)
+
+    def srem(self, key: str, member: str) -> None:
+        self._srem.setdefault(key, []).append(member)
+
+    def incrby(self, key: str, amount: int) -> None:
+        self._incr[key] = self._incr.get(key, 0) + int(amount)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._expire[key] = seconds
+
+    def queue_on(self, pipe: Any) -> None:
+        """Queue the merged writes on ``pipe`` (a transaction)."""
+        for key, fields in self._hashes.items():
+            kept = {f: v for f, v in fields.items() if v is not self._DELETED}
+            gone = [f for f, v in fields.items() if v is self._DELETED]
+            if kept:
+                pipe.hset(key, mapping=kept)
+            if gone:
+                pipe.hdel(key, *gone)
+        for key, values in self._lists.items():
+            pipe.rpush(key, *values)
+        for key, members in self._srem.items():
+            pipe.srem(key, *members)
+        for key, amount in self._incr.items():
+            if amount:
+                pipe.incrby(key, amount)
+        for key, seconds in self._expire.items():
+            pipe.expire(key, seconds)
+
+
+@functools.lru_cache(maxsize=16)
+def _symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
+    return {s: i for i, s in enumerate(symbols)}
 
 
 def _positive(value: str | None) -> bool:

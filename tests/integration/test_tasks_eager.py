@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import pytest
 
 from core.config import get_settings
@@ -48,20 +49,73 @@ def test_duplicate_tick_for_a_bar_does_nothing(eager) -> None:
     assert rt.replay.state().bar == 0
 
 
-def test_score_returns_a_key_and_stores_the_scores(eager) -> None:
+def test_score_hands_a_small_result_inline_and_a_large_one_by_key(eager, monkeypatch) -> None:
+    from core import engine
+    from core.engine import scored_signals
+
     run_ticks(20)
     meta = eager.replay.days()[0]
     out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()
-    assert set(out) == {"date", "bar", "scored_key", "signals", "model", "t"}
+    assert set(out) == {"date", "bar", "scored", "signals", "model", "t"}
     assert out["model"] is None and out["t"][0] == 1.5 and out["t"][1] <= out["t"][2]
-    assert len(json.dumps(out)) < 200  # the message carries a key, not the payload
-    stored = json.loads(eager.redis.get(out["scored_key"]))
-    assert (stored["date"], stored["bar"]) == (meta.date.isoformat(), 19)
-    assert len(stored["signals"]) == out["signals"]
-    for sig in stored["signals"]:
-        assert {"symbol", "side", "source", "confidence", "bar_time", "price"} <= set(sig)
-    for sym, price in stored["marks"].items():
-        assert sym in meta.symbols and price > 0
+    assert set(out["scored"]) == {"signals", "exits"}  # no marks: decide reads the bar
+    assert len(out["scored"]["signals"]) == out["signals"] > 0
+    assert len(json.dumps(out)) <= engine.INLINE_MAX_BYTES + 200
+    # compact rows, read back by decide as signals at the start of bar 19
+    sigs = scored_signals({**out["scored"], "bar": 19}, meta)
+    for row, sig in zip(out["scored"]["signals"], sigs, strict=True):
+        assert row == [sig.symbol, sig.side, sig.source, sig.confidence, sig.price]
+        assert sig.symbol in meta.symbols and sig.side in ("buy", "sell") and sig.price > 0
+        assert sig.bar_time == meta.bar_time(19)
+    # past the limit the result goes to Redis and the message carries its key only
+    monkeypatch.setattr(engine, "INLINE_MAX_BYTES", 10)
+    keyed = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()
+    assert "scored" not in keyed and len(json.dumps(keyed)) < 200
+    assert json.loads(eager.redis.get(keyed["scored_key"])) == out["scored"]
+
+
+def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
+    """The marks decide uses are this bar's usable closes (mark_values of the stored row),
+    the same whether the scored result came inline or by key."""
+    from core import engine
+    from core.scoring import mark_values
+
+    run_ticks(60)
+    meta = eager.replay.days()[0]
+    bar = eager.replay.state().bar
+    positions = eager.broker.get_positions()
+    assert positions, "expected open positions after 60 bars"
+    want = mark_values(eager.window.get(meta.date, bar)[1][bar])
+    expect = {s: float(want[i]) for i, s in enumerate(meta.symbols)
+              if s in positions and np.isfinite(want[i])}
+    assert expect
+    # what the loss limit sees: the positions' unrealized P/L at those marks, whole cents
+    want_pnl = sum(int((expect[s] - p.avg_float) * p.qty * 100)
+                   for s, p in positions.items() if s in expect)
+    seen: list[tuple] = []
+    inner, inner_loss = engine.decide, engine.loss_limit_hit
+
+    def spy(inp, params):
+        seen.append(("decide", dict(inp.marks), inp.exit_candidates))
+        return []
+
+    def spy_loss(rt, day, positions, marks, realized=None, unrealized=None):
+        seen.append(("loss", unrealized))
+        return inner_loss(rt, day, positions, marks, realized, unrealized)
+
+    engine.decide, engine.loss_limit_hit = spy, spy_loss
+    try:
+        trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
+                              "scored": {"signals": [], "exits": {}}}).get()
+        eager.redis.set(eager.keys.k("scored:x"), json.dumps({"signals": [], "exits": {}}))
+        trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
+                              "scored_key": eager.keys.k("scored:x")}).get()
+    finally:
+        engine.decide, engine.loss_limit_hit = inner, inner_loss
+    assert [x for x in seen if x[0] == "loss"] == [("loss", want_pnl)] * 2
+    for _, marks, candidates in (x for x in seen if x[0] == "decide"):
+        # the marks of the positions that may exit (near their stop, stale, rule exits)
+        assert marks == {s: expect[s] for s in candidates if s in expect}
 
 
 def test_decide_records_the_stage_times_of_the_tick(eager) -> None:

@@ -1,0 +1,248 @@
+"""The tick hands a bar to scoring before it applies the bar's fills; scoring waits for them
+before it reads positions. Also: how many Redis round trips each step of the tick path makes
+(the hot path's budget), counted on a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from core import engine, execution
+from core.brokers.base import OrderRequest
+from core.errors import FillsPending
+from core.runtime import build_runtime
+from tests.helpers import prepared_runtime
+
+
+class Recording:
+    """A dispatcher that records what would be enqueued (and, with ``concurrent``, lets the
+    tick hand on a bar before its fills)."""
+
+    def __init__(self, concurrent: bool, log: list[str] | None = None) -> None:
+        self.concurrent = concurrent
+        self.log = log if log is not None else []
+        self.scored: list[dict[str, Any]] = []
+        self.orders: list[tuple[str, dict[str, Any]]] = []
+
+    def score(self, payload: dict[str, Any]) -> None:
+        self.log.append("score")
+        self.scored.append(payload)
+
+    def submit_order(self, intent: dict[str, Any]) -> None:
+        self.orders.append(("submit", intent))
+
+    def close_position(self, intent: dict[str, Any]) -> None:
+        self.orders.append(("close", intent))
+
+
+@pytest.fixture
+def rt(redis_client, redis_url):
+    return prepared_runtime(redis_url, "early", bars=20)
+
+
+def _with_order(rt) -> None:
+    """An order due at the next bar, so the next tick has a fill to apply."""
+    meta, bar = rt.replay.now()
+    assert rt.broker.submit_order(OrderRequest("early-1", meta.symbols[0], "buy",
+                                               3)).status == "accepted"
+    rt.replay.settle(meta.date, bar)
+
+
+def _spy_fills(rt, log: list[str]) -> None:
+    inner = rt.broker.process_bar
+
+    def process_bar(*a: Any, **kw: Any) -> Any:
+        log.append("fills")
+        return inner(*a, **kw)
+
+    rt.broker.process_bar = process_bar  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_the_tick_hands_on_first_only_to_a_concurrent_dispatcher(rt, concurrent) -> None:
+    _with_order(rt)
+    log: list[str] = []
+    _spy_fills(rt, log)
+    d = Recording(concurrent, log)
+    out = engine.tick(rt, d)
+    assert out["status"] == "advanced" and out["fills"] == 1
+    assert log == (["score", "fills"] if concurrent else ["fills", "score"])
+    assert bool(d.scored[0].get("await_fills")) is concurrent
+    meta = rt.replay.days()[0]
+    assert int(rt.redis.get(rt.keys.fills_done(meta.date))) == out["bar"]
+
+
+def test_scoring_waits_for_the_fills_of_its_bar(rt) -> None:
+    _with_order(rt)
+    symbol = rt.replay.days()[0].symbols[0]
+    gate = threading.Event()
+    inner = rt.broker.process_bar
+
+    def slow_fills(*a: Any, **kw: Any) -> Any:
+        gate.wait(5)  # the tick's fills land only after scoring has started
+        return inner(*a, **kw)
+
+    rt.broker.process_bar = slow_fills  # type: ignore[method-assign]
+    d = Recording(True)
+    ticking = threading.Thread(target=engine.tick, args=(rt, d))
+    ticking.start()
+    while not d.scored:
+        time.sleep(0.001)
+    payload = d.scored[0]
+    scorer = build_runtime(rt.settings)  # the scoring worker's own view
+    got: dict[str, Any] = {}
+
+    def score() -> None:
+        got["result"] = engine.compute_scores(scorer, payload)
+        got["positions"] = scorer.broker.positions_cached()
+
+    scoring = threading.Thread(target=score)
+    scoring.start()
+    time.sleep(0.2)
+    assert scoring.is_alive() and "result" not in got  # waiting for the fills
+    gate.set()
+    ticking.join(5)
+    scoring.join(5)
+    assert got["positions"][symbol].qty == 3  # the bar's fill is in what scoring saw
+    assert got["result"]["bar"] == payload["bar"]
+
+
+def test_scoring_gives_up_when_the_fills_never_come(rt) -> None:
+    meta, bar = rt.replay.now()
+    rt.redis.delete(rt.keys.fills_done(meta.date))
+    started = time.monotonic()
+    with pytest.raises(FillsPending):
+        engine.positions_after_fills(rt, meta.date, bar + 1, timeout_s=0.3)
+    assert 0.25 < time.monotonic() - started < 2.0
+    rt.redis.set(rt.keys.fills_done(meta.date), bar + 1)
+    assert engine.positions_after_fills(rt, meta.date, bar + 1, timeout_s=0.3) == {}
+
+
+class Counter:
+    """Counts round trips of a redis-py client: each command sent alone, and each
+    pipeline or transaction once."""
+
+    def __init__(self, client: Any) -> None:
+        self.n = 0
+        orig_exec, orig_pipe = client.execute_command, client.pipeline
+
+        def execute_command(*a: Any, **kw: Any) -> Any:
+            self.n += 1
+            return orig_exec(*a, **kw)
+
+        def pipeline(*a: Any, **kw: Any) -> Any:
+            pipe = orig_pipe(*a, **kw)
+            inner = pipe.execute
+
+            def execute(*ea: Any, **ekw: Any) -> Any:
+                self.n += 1 if len(pipe) else 0
+                return inner(*ea, **ekw)
+
+            pipe.execute = execute
+            return pipe
+
+        client.execute_command = execute_command
+        client.pipeline = pipeline
+
+
+def test_round_trips_of_the_tick_path_stay_within_budget(redis_client, redis_url) -> None:
+    """The hot path's budget: the tick 1 to hand a bar on, scoring 2, the decision 2 before
+    its first order, a close 1 and an entry 4 before the broker accepts. A change that adds a
+    round trip on the hot path shows up here."""
+    rt = prepared_runtime(redis_url, "budget", bars=15, sim_synthetic_symbols=30,
+                          risk_pct_per_trade=0.0005)
+    d = Recording(True)
+    counter = Counter(rt.redis)
+    seen_entry = seen_close = False
+    for i in range(120):
+        warm = i >= 2  # the first bars read what each process keeps (metadata, positions)
+        d.scored.clear()
+        d.orders.clear()
+        n0 = counter.n
+        out = engine.tick(rt, d)
+        if out["status"] != "advanced":
+            break
+        # hand-on, then the fills off the hot path (the working orders; the broker's lock
+        # with the orders; the writes, reservations and fills-done mark in one transaction)
+        assert counter.n - n0 <= 1 + 3 or not warm, out
+        payload = d.scored[0]
+        n0 = counter.n
+        result = engine.score(rt, payload)
+        # the new bar, positions once the fills are in (a small result rides in the message)
+        assert counter.n - n0 <= 2 or not warm
+        n0 = counter.n
+        engine.decide_bar(rt, d, result)
+        # the reads in one transaction, the ledger (and the working orders, if any)
+        assert counter.n - n0 <= 3 or not warm
+        for kind, intent in d.orders:
+            accepted = _round_trips_to_accept(rt, counter, kind, intent)
+            if accepted and warm:
+                if kind == "close":
+                    seen_close = True
+                    assert accepted[0] <= 1, intent  # lock, lookup and the position at once
+                else:
+                    seen_entry = True
+                    # lock + lookup + refusals + the broker's account, its quote, the
+                    # reservation, the account at submission (the check not run twice)
+                    assert accepted[0] <= 4, intent
+    assert seen_entry and seen_close
+
+
+def _round_trips_to_accept(rt: Any, counter: Counter, kind: str,
+                           intent: dict[str, Any]) -> list[int]:
+    """Send one order; the round trips made before the broker accepted it (empty when it
+    never got there: refused or already known)."""
+    n0 = counter.n
+    accepted: list[int] = []
+    inner = rt.broker._submit_with
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        accepted.append(counter.n - n0)
+        return inner(*a, **kw)
+
+    rt.broker._submit_with = spy
+    try:
+        fn = execution.close_position if kind == "close" else execution.submit_order
+        fn(rt, intent)
+    finally:
+        rt.broker._submit_with = inner
+    return accepted
+
+
+def test_the_day_rolls_over_only_once_its_figures_are_recorded(redis_client,
+                                                                redis_url) -> None:
+    """Two ticks at the day's last bar: the one recording the day's figures holds the day;
+    the other waits ('closing') instead of rolling over (a run would end with the figures
+    missing)."""
+    rt = prepared_runtime(redis_url, "eod", bars=0)
+    other = build_runtime(rt.settings)
+    d = Recording(False)
+    meta = rt.replay.days()[0]
+    for _ in range(meta.n_bars):
+        out = engine.tick(rt, d)
+        assert out["status"] == "advanced", out
+        rt.replay.settle(meta.date, out["bar"])
+    gate, entered = threading.Event(), threading.Event()
+    inner = rt.broker.expire_session_orders
+
+    def slow_expire(*a: Any, **kw: Any) -> Any:
+        entered.set()
+        gate.wait(5)
+        return inner(*a, **kw)
+
+    rt.broker.expire_session_orders = slow_expire  # type: ignore[method-assign]
+    first: dict[str, Any] = {}
+    recording = threading.Thread(target=lambda: first.update(engine.tick(rt, d)))
+    recording.start()
+    assert entered.wait(5)
+    assert engine.tick(other, d)["status"] == "closing"  # not rolled over meanwhile
+    assert not rt.replay.state().finished and rt.replay.day_stats() == []
+    gate.set()
+    recording.join(5)
+    assert first["status"] == "finished"
+    assert len(rt.replay.day_stats()) == 1
+    assert engine.tick(other, d)["status"] == "finished"
+    assert len(rt.replay.day_stats()) == 1  # recorded once
