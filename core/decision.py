@@ -67,6 +67,11 @@ def in_eod_window(decision_time: dt.datetime, close_time: dt.datetime, minutes: 
 
 def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
     """Order intents for this bar: exits, then sized entries."""
+    return decide_exits(inp, params) + decide_entries(inp, params)
+
+
+def decide_exits(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
+    """The exits of this bar, by symbol (they depend on nothing the entries decide)."""
     intents: list[OrderIntent] = []
     eod = in_eod_window(inp.decision_time, inp.close_time, params.eod_close_minutes_before)
     date_s = inp.session_date.isoformat()
@@ -95,6 +100,13 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
             ref_price=repr(mark) if mark and math.isfinite(mark) else pos.avg_price,
             session_date=inp.session_date, bar=inp.bar,
         ))
+    return intents
+
+
+def decide_entries(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
+    """The sized entries of this bar, best confidence first (none once halted or in the
+    no-entry window before the close)."""
+    intents: list[OrderIntent] = []
     no_entry = in_eod_window(inp.decision_time, inp.close_time,
                              max(params.no_entry_minutes_before_close,
                                  params.eod_close_minutes_before))

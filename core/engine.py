@@ -22,7 +22,13 @@ import numpy as np
 
 from core.brokers.base import FillEvent
 from core.calendar import exchange_date
-from core.decision import DecisionInput, decide, exit_candidates, in_eod_window
+from core.decision import (
+    DecisionInput,
+    decide_entries,
+    decide_exits,
+    exit_candidates,
+    in_eod_window,
+)
 from core.errors import FillsPending
 from core.execution import apply_fill_events, queue_fill_events, reconcile, release_orphans
 from core.market.bar_store import rows_from_bytes
@@ -396,11 +402,22 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     if "marks" not in scored:
         rb = meta.row_bytes
         row_range = (rt.keys.bars(day), bar * rb, (bar + 1) * rb - 1)
+    # the entries taken today that the signals may repeat ("SYMBOL:side"): asked for
+    # those keys only when the signals are known before the reads (the day's set is long)
+    wanted_entries = None
+    if "signals" in scored and not isinstance(scored["signals"], int):
+        wanted_entries = sorted({f"{s['symbol']}:{s['side']}" if isinstance(s, dict)
+                                 else f"{s[0]}:{s[1]}" for s in scored["signals"]})
 
     def reads() -> tuple[dict[str, Any], Any]:
         pipe = rt.redis.pipeline(transaction=True)
         names = ["entered", "used", "halted", "loss_halted", "stale", "reconciled"]
-        pipe.smembers(rt.keys.entries(day))
+        if wanted_entries is None:
+            pipe.smembers(rt.keys.entries(day))
+        elif wanted_entries:
+            pipe.smismember(rt.keys.entries(day), wanted_entries)
+        else:
+            pipe.exists(rt.keys.entries(day))  # no signal: nothing to look up
         pipe.get(rt.keys.used_capital(day))
         pipe.exists(rt.keys.halt())
         pipe.exists(rt.keys.loss_halt(day))
@@ -435,14 +452,14 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
             log.error("scored result missing", extra={"key": key})
             return {"status": "missing_scores", "date": day.isoformat(), "bar": bar}
         scored = {**scored, **json.loads(got["scored"])}
+    row = None
     if row_range is not None:
         raw_row = got["row"]
         if len(raw_row) != meta.row_bytes:
             log.error("decide for a bar not in the store", extra={
                 "date": day.isoformat(), "bar": bar})
             return {"status": "missing_bar", "date": day.isoformat(), "bar": bar}
-        scored = {**scored, "marks": mark_values(rows_from_bytes(raw_row,
-                                                                 len(meta.symbols))[0])}
+        row = rows_from_bytes(raw_row, len(meta.symbols))[0]
     if not got["reconciled"]:
         reconcile(rt, day)  # new day, or Redis lost its data: rebuild before any entry
         got, account = reads()
@@ -465,16 +482,22 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
     avg = np.concatenate([held.avg[cols], [p.avg_float for p in outside]])
     stale_pos = np.concatenate([~held.today[cols], [p.session_date != day.isoformat()
                                                      for p in outside]]).astype(bool)
-    all_marks = scored_mark_array(scored, meta)
-    held_marks = np.concatenate([all_marks[cols], np.full(len(outside), np.nan)])
+    # the held symbols' marks: from the bar's row (only their columns), or the scored bar's
+    in_universe = mark_values(row[cols]) if row is not None else scored_mark_array(
+        scored, meta)[cols]
+    held_marks = np.concatenate([in_universe, np.full(len(outside), np.nan)])
     candidates = exit_candidates(
         syms, qty, avg, stale_pos, held_marks, params.limits.stop_loss_pct,
         in_eod_window(decision_time, meta.close_time, params.eod_close_minutes_before),
         rule_exits)
-    index = symbol_index(meta.symbols)
-    marks = {sym: float(all_marks[index[sym]]) for sym in candidates
-             if sym in index and all_marks[index[sym]] == all_marks[index[sym]]}
-    entered_raw = got["entered"]
+    marks = {sym: float(m) for sym, m in zip(syms, held_marks.tolist(), strict=True)
+             if sym in candidates and m == m}
+    if wanted_entries is None:
+        entered = {x.decode() for x in got["entered"]}
+    elif wanted_entries:
+        entered = {k for k, hit in zip(wanted_entries, got["entered"], strict=True) if hit}
+    else:
+        entered = set()
     if got["stale"]:  # stale market data blocks new entries for those symbols
         stale = {x.decode() for x in got["stale"]}
         signals = [s for s in signals if s.symbol not in stale]
@@ -484,23 +507,33 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         session_date=day, bar=bar, decision_time=decision_time,
         close_time=meta.close_time, signals=signals, marks=marks,
         positions=positions, open_order_symbols=frozenset(o.symbol for o in open_orders),
-        # only the signals' entries are looked up: the day's whole set may be long
+        # only the signals' entries matter to the decision
         entered_today=frozenset(k for k in {f"{s.symbol}:{s.side}" for s in signals}
-                                if k.encode() in entered_raw),
+                                if k in entered),
         used_cents=int(got["used"] or 0), halted=halted, rule_exits=rule_exits,
         exit_candidates=candidates,
     )
-    intents = decide(inp, params)
+    # The first order goes out as soon as it is known: the first exit before the entries
+    # are sized. The bar's ledger takes all the orders afterwards (an order already done
+    # then counts as done).
+    exits = decide_exits(inp, params)
+    sent = 0
+    if exits:
+        _dispatch(dispatcher, exits[0])
+        sent = 1
+    intents = exits + decide_entries(inp, params)
     if not intents:
         rt.replay.settle(day, bar)
         return {"status": "settled", "date": day.isoformat(), "bar": bar, "orders": 0}
-    rt.replay.register_pending(day, bar, [i.client_order_id for i in intents])
-    _dispatch(dispatcher, intents[0])  # on its way before the others are built
-    if len(intents) > 1:
+    if not sent:
+        _dispatch(dispatcher, intents[0])
+        sent = 1
+    if len(intents) > sent:
         batch = getattr(dispatcher, "batch", None)
         with batch() if batch is not None else contextlib.nullcontext():
-            for intent in intents[1:]:
+            for intent in intents[sent:]:
                 _dispatch(dispatcher, intent)
+    rt.replay.register_pending(day, bar, [i.client_order_id for i in intents])
     return {"status": "dispatched", "date": day.isoformat(), "bar": bar,
             "orders": len(intents)}
 

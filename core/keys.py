@@ -82,6 +82,12 @@ class Keys:
     def replay_pending(self, day: dt.date, bar: int) -> str:
         return self.k(f"replay:pending:{day.isoformat()}:{bar}")
 
+    def replay_done(self, day: dt.date, bar: int) -> str:
+        return self.k(f"replay:done:{day.isoformat()}:{bar}")
+
+    def replay_registered(self, day: dt.date, bar: int) -> str:
+        return self.k(f"replay:registered:{day.isoformat()}:{bar}")
+
     def replay_day_stats(self) -> str:
         return self.k("replay:day_stats")
 

@@ -258,6 +258,10 @@ class MemoryRedis:
     def scard(self, name: Any) -> int:
         return len(self._set(name))
 
+    def smismember(self, name: Any, values: Any, *args: Any) -> list[int]:
+        members = self._set(name)
+        return [1 if _b(v) in members else 0 for v in [*values, *args]]
+
     def sismember(self, name: Any, value: Any) -> bool:
         return _b(value) in self._set(name)
 
@@ -419,16 +423,32 @@ def _settle(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     return 1
 
 
-def _complete(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
-    r.srem(keys[1], argv[2])
+def _settle_if_done(r: MemoryRedis, keys: list[bytes], date: bytes, bar: bytes,
+                    now: bytes) -> int:
     if r.scard(keys[1]) > 0:
         return 0
     date_s, bar_s, settled_s = r.hmget(keys[0], ["date", "bar", "settled"])
-    if date_s != argv[0] or _num(bar_s) != _num(argv[1]):
+    if date_s != date or _num(bar_s) != _num(bar):
         return 0
-    if (_num(settled_s) or 0) < (_num(argv[1]) or 0):
-        r.hset(keys[0], mapping={"settled": argv[1], "settled_at": argv[3]})
+    if (_num(settled_s) or 0) < (_num(bar) or 0):
+        r.hset(keys[0], mapping={"settled": bar, "settled_at": now})
     return 1
+
+
+def _register(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    for coid in argv[4:]:
+        if not r.sismember(keys[2], coid):
+            r.sadd(keys[1], coid)
+    r.set(keys[3], "1")
+    return _settle_if_done(r, keys, argv[0], argv[1], argv[2])
+
+
+def _complete(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    r.sadd(keys[2], argv[2])
+    r.srem(keys[1], argv[2])
+    if not r.exists(keys[3]):
+        return 0
+    return _settle_if_done(r, keys, argv[0], argv[1], argv[3])
 
 
 def _append_row(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -545,6 +565,7 @@ def _twins() -> dict[str, Twin]:
             replay._ADVANCE_LUA: _advance, replay._ADVANCE_NEXT_LUA: _advance_next,
             replay._ROLL_LUA: _roll,
             replay._SETTLE_LUA: _settle, replay._COMPLETE_LUA: _complete,
+            replay._REGISTER_LUA: _register,
             bar_store._APPEND_LUA: _append_row,
             risk_store._RESERVE_LUA: _reserve, risk_store._ADJUST_LUA: _adjust,
             risk_store._REBUILD_LUA: _rebuild, risk_store._SETTLE_LUA: _settle_fills,

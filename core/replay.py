@@ -95,9 +95,34 @@ redis.call('HSET', KEYS[1], 'settled', ARGV[2], 'settled_at', ARGV[3])
 return 1
 """
 
-# Remove one finished order from the bar's pending set; settle the bar when it empties.
+# The bar's ledger: the orders its decision sent (pending), those done, and whether the
+# decision registered its orders yet. The decision hands its first order on before it
+# registers them all, so an order may be done before it is registered: it is then never
+# added to pending. The bar settles once registered and nothing is pending.
+# KEYS: state, pending, done, registered. ARGV: date, bar, now, ttl, order ids...
+_REGISTER_LUA = """
+for i = 5, #ARGV do
+  if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then
+    redis.call('SADD', KEYS[2], ARGV[i])
+  end
+end
+redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
+local st = redis.call('HMGET', KEYS[1], 'date', 'bar', 'settled')
+if st[1] ~= ARGV[1] or tonumber(st[2]) ~= tonumber(ARGV[2]) then return 0 end
+if tonumber(st[3]) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'settled', ARGV[2], 'settled_at', ARGV[3])
+end
+return 1
+"""
+
+# One order of the bar is done. KEYS as above. ARGV: date, bar, order id, now, ttl.
 _COMPLETE_LUA = """
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 redis.call('SREM', KEYS[2], ARGV[3])
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 if redis.call('SCARD', KEYS[2]) > 0 then return 0 end
 local st = redis.call('HMGET', KEYS[1], 'date', 'bar', 'settled')
 if st[1] ~= ARGV[1] or tonumber(st[2]) ~= tonumber(ARGV[2]) then return 0 end
@@ -148,6 +173,7 @@ class RedisReplay:
         self._roll = redis.register_script(_ROLL_LUA)
         self._settle = redis.register_script(_SETTLE_LUA)
         self._complete = redis.register_script(_COMPLETE_LUA)
+        self._register = redis.register_script(_REGISTER_LUA)
         self._days: list[SessionMeta] | None = None
         self._day_hint: int | None = None  # the session index this process last saw
 
@@ -290,19 +316,22 @@ class RedisReplay:
         self._r.hset(self._k.replay_state(), "dispatched_at", repr(now_wall))
 
     # -- settlement -------------------------------------------------------------------------
-    def register_pending(self, day: dt.date, bar: int, client_order_ids: list[str]) -> None:
-        """Record the orders a bar's decision sent; the bar settles when all are done."""
-        key = self._k.replay_pending(day, bar)
-        pipe = self._r.pipeline(transaction=True)
-        pipe.sadd(key, *client_order_ids)
-        pipe.expire(key, _TTL_S)
-        pipe.execute()
+    def _ledger(self, day: dt.date, bar: int) -> list[str]:
+        return [self._k.replay_state(), self._k.replay_pending(day, bar),
+                self._k.replay_done(day, bar), self._k.replay_registered(day, bar)]
+
+    def register_pending(self, day: dt.date, bar: int, client_order_ids: list[str]) -> bool:
+        """Record the orders a bar's decision sent (before or after they went out); the bar
+        settles when all are done. True when it settled now (all were done already)."""
+        return bool(self._register(
+            keys=self._ledger(day, bar),
+            args=[day.isoformat(), bar, repr(time.time()), _TTL_S, *client_order_ids]))
 
     def complete_pending(self, day: dt.date, bar: int, client_order_id: str) -> bool:
         """Mark one order of a bar done; True when the bar became settled."""
         return bool(self._complete(
-            keys=[self._k.replay_state(), self._k.replay_pending(day, bar)],
-            args=[day.isoformat(), bar, client_order_id, repr(time.time())],
+            keys=self._ledger(day, bar),
+            args=[day.isoformat(), bar, client_order_id, repr(time.time()), _TTL_S],
         ))
 
     def settle(self, day: dt.date, bar: int) -> bool:

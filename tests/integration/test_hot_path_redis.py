@@ -309,3 +309,56 @@ def test_the_book_reports_which_positions_changed(two) -> None:
     writer.compact_positions_log()  # the copy is reloaded: readers start over
     reader.positions_cached()
     assert reader.book_changes(cursor)[1] is None
+
+
+@pytest.mark.parametrize("make", ["real", "memory"])
+def test_a_bar_settles_when_its_registered_orders_are_done_in_any_order(redis_client,
+                                                                         make) -> None:
+    """The decision hands its first order on before it registers the bar's orders: an
+    order done before the registration counts as done; the bar settles exactly when every
+    registered order is done, and not before the orders are registered."""
+    redis = redis_client if make == "real" else MemoryRedis()
+    keys = Keys.for_mode("sim", "ledger")
+    store = RedisBarStore(redis, keys)
+    replay = RedisReplay(redis, keys, store)
+    replay.prepare([make_day(("AAA",))])
+    replay.state()
+    for bar in range(4):
+        assert replay.advance_next(1.0).bar == bar
+        if bar == 0:  # done before the registration: nothing settles until it comes
+            assert not replay.complete_pending(DAY, bar, "a")
+            assert replay.state().settled == -1
+            assert replay.register_pending(DAY, bar, ["a"])  # everything already done
+        elif bar == 1:  # the first done early, the second after the registration
+            assert not replay.complete_pending(DAY, bar, "a")
+            assert not replay.register_pending(DAY, bar, ["a", "b"])
+            assert not replay.complete_pending(DAY, bar, "a")  # a retry changes nothing
+            assert replay.state().settled == 0
+            assert replay.complete_pending(DAY, bar, "b")
+        elif bar == 2:  # registered first, as before
+            assert not replay.register_pending(DAY, bar, ["a", "b"])
+            assert not replay.complete_pending(DAY, bar, "b")
+            assert replay.complete_pending(DAY, bar, "a")
+        else:  # a decision dispatched again adds its orders to the same ledger
+            assert not replay.register_pending(DAY, bar, ["a"])
+            assert not replay.register_pending(DAY, bar, ["a", "c"])
+            assert not replay.complete_pending(DAY, bar, "a")
+            assert replay.complete_pending(DAY, bar, "c")
+        assert replay.state().settled == bar
+
+
+def test_memory_twins_of_the_ledger(redis_client) -> None:
+    mem = MemoryRedis()
+    keys = ["st", "pend", "done", "reg"]
+    for r in (redis_client, mem):
+        r.hset("st", mapping={"date": "2024-06-03", "bar": 5, "settled": 4})
+    steps = [(replay_mod._COMPLETE_LUA, ["2024-06-03", 5, "a", "1.5", 60]),
+             (replay_mod._REGISTER_LUA, ["2024-06-03", 5, "2.5", 60, "a", "b"]),
+             (replay_mod._COMPLETE_LUA, ["2024-06-03", 5, "b", "3.5", 60]),
+             (replay_mod._REGISTER_LUA, ["2024-06-04", 5, "4.5", 60, "x"]),
+             (replay_mod._COMPLETE_LUA, ["2024-06-04", 5, "x", "5.5", 60])]
+    for script, args in steps:
+        real = redis_client.register_script(script)(keys=keys, args=args)
+        fake = mem.register_script(script)(keys=keys, args=args)
+        assert fake == real, args
+    assert _dump(mem) == _dump(redis_client)

@@ -149,8 +149,9 @@ class Counter:
 
 
 def test_round_trips_of_the_tick_path_stay_within_budget(redis_client, redis_url) -> None:
-    """The hot path's budget: the tick 1 to hand a bar on, scoring 2, the decision 2 before
-    its first order, a close 1 and an entry 4 before the broker accepts. A change that adds a
+    """The hot path's budget: the tick 1 to hand a bar on, scoring 2, the decision 1 before
+    its first order (2 with working orders), a close 1 and an entry 4 before the broker
+    accepts. A change that adds a
     round trip on the hot path shows up here."""
     rt = prepared_runtime(redis_url, "budget", bars=15, sim_synthetic_symbols=30,
                           risk_pct_per_trade=0.0005)
@@ -174,9 +175,11 @@ def test_round_trips_of_the_tick_path_stay_within_budget(redis_client, redis_url
         # the new bar, positions once the fills are in (a small result rides in the message)
         assert counter.n - n0 <= 2 or not warm
         n0 = counter.n
-        engine.decide_bar(rt, d, result)
-        # the reads in one transaction, the ledger (and the working orders, if any)
+        first_at = _round_trips_to_first_order(rt, d, counter, result)
+        # the reads in one transaction (and the working orders, if any), then the first
+        # order; the bar's ledger afterwards
         assert counter.n - n0 <= 3 or not warm
+        assert not first_at or first_at[0] <= 2 or not warm
         for kind, intent in d.orders:
             accepted = _round_trips_to_accept(rt, counter, kind, intent)
             if accepted and warm:
@@ -246,3 +249,18 @@ def test_the_day_rolls_over_only_once_its_figures_are_recorded(redis_client,
     assert len(rt.replay.day_stats()) == 1
     assert engine.tick(other, d)["status"] == "finished"
     assert len(rt.replay.day_stats()) == 1  # recorded once
+
+
+def _round_trips_to_first_order(rt: Any, d: Recording, counter: Counter,
+                                result: dict[str, Any]) -> list[int]:
+    """Decide one scored bar; the round trips made before each order was handed on."""
+    n0 = counter.n
+    at: list[int] = []
+    inner_close, inner_submit = d.close_position, d.submit_order
+    d.close_position = lambda i: (at.append(counter.n - n0), inner_close(i))  # type: ignore
+    d.submit_order = lambda i: (at.append(counter.n - n0), inner_submit(i))  # type: ignore
+    try:
+        engine.decide_bar(rt, d, result)
+    finally:
+        d.close_position, d.submit_order = inner_close, inner_submit  # type: ignore
+    return at
