@@ -152,29 +152,33 @@ def _process_fills(rt: Runtime, meta: Any, bar: int, row: Any) -> list[FillEvent
 
 
 def positions_after_fills(rt: Runtime, day: dt.date, bar: int,
-                          timeout_s: float | None = None) -> dict[str, Any]:
+                          timeout_s: float | None = None,
+                          entries: list[str] | None = None
+                          ) -> tuple[dict[str, Any], set[str]]:
     """The open positions once the tick marked bar ``bar``'s fills done (with
-    ``timeout_s``; without it at once): the mark and the positions are read in one
-    transaction, so they match. FillsPending after ``timeout_s`` (the tick failed: its
-    watchdog dispatches the bar again)."""
+    ``timeout_s``; without it at once), and which of ``entries`` ("SYMBOL:side") were
+    taken today: read in one transaction with the mark, so they match. FillsPending after
+    ``timeout_s`` (the tick failed: its watchdog dispatches the bar again)."""
     queue = getattr(rt.broker, "queue_positions", None)
     key = rt.keys.fills_done(day)
     deadline = time.monotonic() + (timeout_s or 0.0)
     delay = 0.0002
     while True:
-        if queue is None:  # a broker of its own (Alpaca): the mark first, then the broker
-            done = rt.redis.get(key) if timeout_s is not None else None
-            ready = timeout_s is None or (done is not None and int(done) >= bar)
-            if ready:
-                return rt.broker.positions_cached()
-        else:
-            pipe = rt.redis.pipeline(transaction=True)
-            pipe.get(key)
-            n, finish = queue(pipe)
-            done, *replies = pipe.execute()
+        pipe = rt.redis.pipeline(transaction=True)
+        pipe.get(key)
+        if entries:
+            pipe.smismember(rt.keys.entries(day), entries)
+        n, finish = queue(pipe) if queue is not None else (0, None)
+        done, *replies = pipe.execute()
+        taken = ({k for k, hit in zip(entries, replies.pop(0), strict=True) if hit}
+                 if entries else set())
+        ready = timeout_s is None or (done is not None and int(done) >= bar)
+        if finish is not None:
             positions = finish(replies[:n])
-            if timeout_s is None or (done is not None and int(done) >= bar):
-                return positions
+            if ready:
+                return positions, taken
+        elif ready:  # a broker of its own (Alpaca): asked once the mark is there
+            return rt.broker.positions_cached(), taken
         if time.monotonic() > deadline:
             raise FillsPending(f"fills of bar {bar} of {day} not applied within "
                                f"{timeout_s:g} s")
@@ -271,12 +275,17 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
     masks = rule_masks(window, params, sums=rt.sums)  # needs the bars only
     wait = (min(rt.settings.sim_settle_timeout_s, _AWAIT_FILLS_S)
             if payload.get("await_fills") else None)
-    positions = positions_after_fills(rt, day, bar, wait)
+    # the entries the rules would repeat: a symbol and side entered today is not entered
+    # again (the decision drops those too; its look at today's entries comes later, and
+    # they only grow), so their signals are not built
+    keys = _entry_keys(meta.symbols, masks)
+    positions, taken = positions_after_fills(rt, day, bar, wait, keys)
     held = rt.held.sync_from(rt.broker, positions, meta.symbols, meta.open_time,
                              meta.bar_seconds, day.isoformat())
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
                        params, exit_model=exit_fn, tracker=rt.extremes, sums=rt.sums,
-                       skip_held=True, masks=masks, held=held)
+                       skip_held=True, masks=masks, held=held,
+                       skip_taken=_taken_masks(meta.symbols, taken) if taken else None)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
     signals = scored.signals
@@ -293,6 +302,26 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
             "marks": marks,
             "exits": {sym: list(v) for sym, v in scored.exits.items()},
             "model": predictor.version if predictor is not None else None}
+
+
+def _entry_keys(symbols: tuple[str, ...], masks: list[Any]) -> list[str]:
+    """"SYMBOL:side" of every symbol some rule fires on at this bar."""
+    if not masks:
+        return []
+    longs = np.logical_or.reduce([np.asarray(m.long_mask) for m in masks])
+    shorts = np.logical_or.reduce([np.asarray(m.short_mask) for m in masks])
+    return ([f"{symbols[i]}:buy" for i in np.flatnonzero(longs).tolist()]
+            + [f"{symbols[i]}:sell" for i in np.flatnonzero(shorts).tolist()])
+
+
+def _taken_masks(symbols: tuple[str, ...], taken: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per symbol: entered long today, entered short today (from "SYMBOL:side" keys)."""
+    index = symbol_index(symbols)
+    longs, shorts = np.zeros(len(symbols), dtype=bool), np.zeros(len(symbols), dtype=bool)
+    for key in taken:
+        sym, _, side = key.rpartition(":")
+        (longs if side == "buy" else shorts)[index[sym]] = True
+    return longs, shorts
 
 
 def scored_signals(scored: dict[str, Any], meta: Any) -> list[Signal]:

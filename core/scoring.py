@@ -158,7 +158,8 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
               tracker: ExtremeTracker | None = None,
               sums: SessionSums | None = None, skip_held: bool = False,
               masks: list[RuleMasks] | None = None,
-              held: HeldColumns | None = None) -> ScoredBar:
+              held: HeldColumns | None = None,
+              skip_taken: tuple[np.ndarray, np.ndarray] | None = None) -> ScoredBar:
     """Score the last bar of ``window`` ([t+1, S, 5]) for every symbol.
 
     Signals of symbols whose bar at ``t`` is unusable are dropped (``skipped`` says why);
@@ -168,7 +169,8 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
     for symbols with an open position (the decision never enters those; the cluster and the
     backtester pass it, which saves building signals nobody takes). ``masks``: the rules'
     ``rule_masks`` for this window, when already computed; ``held``: the scoring process's
-    ``HeldColumns``, synced to ``positions`` (with it the tracker keys its state by column).
+    ``HeldColumns``, synced to ``positions`` (with it the tracker keys its state by column);
+    ``skip_taken``: per symbol, entered long / short today: no signal repeats those.
     """
     t = window.shape[0] - 1
     bar_time = open_time + dt.timedelta(seconds=t * bar_seconds)
@@ -186,14 +188,19 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
         only[[index[s] for s in skipped]] = False
         if skip_held:
             only[held.held()] = False
+    only_long = only_short = only
+    if skip_taken is not None:
+        base = only if only is not None else np.ones(len(symbols), dtype=bool)
+        only_long, only_short = base & ~skip_taken[0], base & ~skip_taken[1]
     if masks is None:
         masks = rule_masks(window, params, xp, sums)
     signals: list[Signal] = []
     for m in masks:
-        signals += m.signals(symbols, bar_time, xp, only)
+        signals += m.signals(symbols, bar_time, xp, only_long, only_short)
     if "random" in params.strategies:
         signals += [s for s in random_signals(window, symbols, bar_time, params.random, xp)
-                    if only is None or only[index[s.symbol]]]
+                    if (ok := only_long if s.side == "buy" else only_short) is None
+                    or ok[index[s.symbol]]]
     mark_array = mark_values(row_np)
     usable = ~np.isnan(mark_array)
     marks = dict(zip(compress(symbols, usable.tolist()),

@@ -49,28 +49,33 @@ class RuleMasks:
     scale: float = 1.0
 
     def signals(self, symbols: Sequence[str], bar_time: dt.datetime, xp: ModuleType = np,
-                only: np.ndarray | None = None) -> list[Signal]:
-        """The signals at ``bar_time`` (longs, then shorts), restricted to ``only``."""
+                only: np.ndarray | None = None,
+                only_short: np.ndarray | None = None) -> list[Signal]:
+        """The signals at ``bar_time`` (longs, then shorts), restricted to ``only`` (the
+        shorts to ``only_short`` when given)."""
         return signals_from_masks(symbols, self.source, bar_time, self.price, self.long_mask,
                                   self.long_strength, self.short_mask, self.short_strength,
-                                  xp, scale=self.scale, only=only)
+                                  xp, scale=self.scale, only=only, only_short=only_short)
 
 
 def signals_from_masks(symbols: Sequence[str], source: str, bar_time: dt.datetime,
                        price: np.ndarray, long_mask: np.ndarray, long_strength: np.ndarray,
                        short_mask: np.ndarray, short_strength: np.ndarray,
                        xp: ModuleType = np, scale: float = 1.0,
-                       only: np.ndarray | None = None) -> list[Signal]:
+                       only: np.ndarray | None = None,
+                       only_short: np.ndarray | None = None) -> list[Signal]:
     """Longs then shorts for the symbols whose mask is set, priced at ``price`` (US dollars).
 
     The arrays are per symbol ([S]) on numpy or cupy; confidence comes from the strength.
-    ``only`` ([S] bools, numpy or cupy) restricts the signals to those symbols.
+    ``only`` ([S] bools, numpy or cupy) restricts the signals to those symbols (the shorts
+    to ``only_short`` when given).
     """
     out: list[Signal] = []
-    for side, mask, strength in (("buy", long_mask, long_strength),
-                                 ("sell", short_mask, short_strength)):
-        if only is not None:
-            mask = mask & xp.asarray(only)
+    for side, mask, strength, allowed in (
+            ("buy", long_mask, long_strength, only),
+            ("sell", short_mask, short_strength, only if only_short is None else only_short)):
+        if allowed is not None:
+            mask = mask & xp.asarray(allowed)
         idx = xp.nonzero(mask)[0]
         if not idx.shape[0]:
             continue

@@ -55,6 +55,7 @@ def test_score_hands_a_small_result_inline_and_a_large_one_by_key(eager, monkeyp
 
     run_ticks(20)
     meta = eager.replay.days()[0]
+    eager.redis.delete(eager.keys.entries(meta.date))  # bar 19's entries, taken: forgotten
     out = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()
     assert set(out) == {"date", "bar", "scored", "signals", "model", "t"}
     assert out["model"] is None and out["t"][0] == 1.5 and out["t"][1] <= out["t"][2]
@@ -67,6 +68,13 @@ def test_score_hands_a_small_result_inline_and_a_large_one_by_key(eager, monkeyp
         assert row == [sig.symbol, sig.side, sig.source, sig.confidence, sig.price]
         assert sig.symbol in meta.symbols and sig.side in ("buy", "sell") and sig.price > 0
         assert sig.bar_time == meta.bar_time(19)
+    # an entry taken today is not signalled again (the decision would drop it)
+    first = out["scored"]["signals"][0]
+    eager.redis.sadd(eager.keys.entries(meta.date), f"{first[0]}:{first[1]}")
+    again = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()
+    assert again["scored"]["signals"] == [r for r in out["scored"]["signals"]
+                                          if (r[0], r[1]) != (first[0], first[1])]
+    eager.redis.delete(eager.keys.entries(meta.date))
     # past the limit the result goes to Redis and the message carries its key only
     monkeypatch.setattr(engine, "INLINE_MAX_BYTES", 10)
     keyed = trading.score.delay({"date": meta.date.isoformat(), "bar": 19, "t0": 1.5}).get()

@@ -118,7 +118,7 @@ def test_scoring_gives_up_when_the_fills_never_come(rt) -> None:
         engine.positions_after_fills(rt, meta.date, bar + 1, timeout_s=0.3)
     assert 0.25 < time.monotonic() - started < 2.0
     rt.redis.set(rt.keys.fills_done(meta.date), bar + 1)
-    assert engine.positions_after_fills(rt, meta.date, bar + 1, timeout_s=0.3) == {}
+    assert engine.positions_after_fills(rt, meta.date, bar + 1, timeout_s=0.3) == ({}, set())
 
 
 class Counter:

@@ -231,3 +231,25 @@ def test_held_columns_kept_from_changes_equal_a_fresh_read(seed: int) -> None:
         for c in kept.held().tolist():
             same = [c2 for c2 in kept.held().tolist() if kept.coid[c2] == kept.coid[c]]
             assert len({int(kept.pid[c2]) for c2 in same}) == 1
+
+
+def test_score_bar_leaves_out_entries_taken_today_by_side() -> None:
+    w = _walk(33, n_bars=200, n_sym=12)
+    symbols = tuple(f"S{i}" for i in range(12))
+    params = ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
+                           vwap=VwapParams(band_k=1.0, max_trend_pct=0.05, min_bars=10,
+                                           std_bars=10))
+    seen = 0
+    for t in range(30, 200, 5):
+        view = w[: t + 1]
+        plain = score_bar(view, symbols, OPEN_TIME, 60, {}, params).signals
+        if not plain:
+            continue
+        first = plain[0]
+        longs, shorts = np.zeros(12, dtype=bool), np.zeros(12, dtype=bool)
+        (longs if first.side == "buy" else shorts)[symbols.index(first.symbol)] = True
+        got = score_bar(view, symbols, OPEN_TIME, 60, {}, params,
+                        skip_taken=(longs, shorts)).signals
+        assert got == [s for s in plain if (s.symbol, s.side) != (first.symbol, first.side)]
+        seen += 1
+    assert seen > 5
