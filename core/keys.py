@@ -69,6 +69,10 @@ class Keys:
     def bars_meta(self, day: dt.date) -> str:
         return self.k(f"bars:{day.isoformat()}:meta")
 
+    def bars_channel(self) -> str:
+        """Pub/sub channel of the rows appended to the bar store (``<date>:<bar>:<row>``)."""
+        return self.k("bars:published")
+
     # replay (sim only) --------------------------------------------------------------------
     def replay_days(self) -> str:
         return self.k("replay:days")

@@ -42,6 +42,7 @@ local row = redis.call('GETRANGE', KEYS[3], off, off + rb - 1)
 if redis.call('STRLEN', KEYS[4]) == off then
   redis.call('APPEND', KEYS[4], row)
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[6]))
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ':' .. nxt .. ':' .. row)
 end
 redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', ARGV[4])
 return {'advanced', row}
@@ -68,6 +69,7 @@ local row = redis.call('GETRANGE', KEYS[2], off, off + rb - 1)
 if redis.call('STRLEN', KEYS[3]) == off then
   redis.call('APPEND', KEYS[3], row)
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ':' .. nxt .. ':' .. row)
 end
 redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', ARGV[3])
 return {'advanced', row, nxt}
@@ -246,7 +248,8 @@ class RedisReplay:
         res = self._advance(
             keys=[self._k.replay_state(), guard_key, self._k.replay_data(meta.date),
                   self._k.bars(meta.date)],
-            args=[state.day, nxt, meta.row_bytes, repr(now_wall), "1", _TTL_S],
+            args=[state.day, nxt, meta.row_bytes, repr(now_wall), "1", _TTL_S,
+                  self._k.bars_channel(), meta.date.isoformat()],
         )
         status = res[0].decode()
         if status != "advanced":
@@ -268,7 +271,8 @@ class RedisReplay:
             keys=[self._k.replay_state(), self._k.replay_data(meta.date),
                   self._k.bars(meta.date)],
             args=[hint, meta.row_bytes, repr(now_wall), _TTL_S,
-                  self._k.tick_guard_prefix(meta.date), meta.n_bars])
+                  self._k.tick_guard_prefix(meta.date), meta.n_bars, self._k.bars_channel(),
+                  meta.date.isoformat()])
         status = res[0].decode()
         if status == "miss":
             return None

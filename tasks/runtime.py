@@ -37,8 +37,15 @@ def _consumes_gpu_queue() -> bool:
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
     """Build the adapters in the child, after the fork; the gpu worker also loads the current
-    model here (CUDA, when used, is first touched in this child, never in the parent)."""
+    model here (CUDA, when used, is first touched in this child, never in the parent) and
+    listens for published bars."""
     reset_runtime()
     rt = get_runtime()
-    if rt.models is not None and _consumes_gpu_queue():
-        rt.models.get()
+    if _consumes_gpu_queue():
+        if rt.models is not None:
+            rt.models.get()
+        # each published bar goes straight into this process's window: scoring seldom
+        # has to read its bar from the store
+        from core.market.bar_store import BarListener
+
+        BarListener(rt.redis, rt.keys, rt.window).start()

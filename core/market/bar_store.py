@@ -3,19 +3,26 @@
 Each bar is one row of ``S x 5`` little-endian float64 (open, high, low, close, volume; US
 dollars and shares; NaN where a symbol has no bar), appended to ``bars:<date>``. A reader
 fetches only the bytes it has not seen (one GETRANGE), so a tick costs one round trip
-whatever the length of the window.
+whatever the length of the window. Each appended row is also published
+(``<date>:<bar>:<row>`` on ``Keys.bars_channel``): the scoring worker's ``BarListener``
+puts it in its window as it arrives, so scoring usually finds its bar already there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from redis import Redis
 
 from core.keys import Keys
+
+log = logging.getLogger(__name__)
 
 _DTYPE = np.dtype("<f8")
 _TTL_S = 4 * 24 * 3600
@@ -27,6 +34,7 @@ local off = tonumber(ARGV[1])
 if len == off then
   redis.call('APPEND', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[2])
   return off + string.len(ARGV[2])
 end
 return -len
@@ -122,7 +130,8 @@ class RedisBarStore:
         if len(data) != meta.row_bytes:
             raise ValueError(f"row has {len(data)} bytes, expected {meta.row_bytes}")
         res = int(self._append(keys=[self._keys.bars(day)],
-                               args=[bar * meta.row_bytes, data, _TTL_S]))
+                               args=[bar * meta.row_bytes, data, _TTL_S,
+                                     self._keys.bars_channel(), day.isoformat(), bar]))
         if res < 0 and -res < bar * meta.row_bytes:
             raise ValueError(f"bar {bar} of {day} published before bar {-res // meta.row_bytes}")
         return res > 0
@@ -150,25 +159,100 @@ class BarWindow:
     def __init__(self, store: RedisBarStore) -> None:
         self._store = store
         self._day: dt.date | None = None
+        self._meta: SessionMeta | None = None
         self._buf = np.empty((0, 0, 5))
         self._n = 0
+        self._lock = threading.Lock()  # ``deliver`` runs in the listener's thread
+        self.delivered = 0  # rows that arrived by ``deliver`` (a gauge for tests and status)
 
     def get(self, day: dt.date, upto_bar: int) -> tuple[SessionMeta, np.ndarray]:
         """Bars ``0..upto_bar`` of ``day`` as ``[upto_bar + 1, S, 5]`` (a view; do not modify)."""
         meta = self._store.meta(day)
         if meta is None:
             raise ValueError(f"session {day} not started in the bar store")
-        if self._day != day:
-            self._day = day
-            # field-major storage seen through a [T, S, 5] view: window[:, :, CLOSE] and the
-            # other fields are contiguous [T, S] arrays, which the rules read fastest
-            self._buf = np.full((5, meta.n_bars, len(meta.symbols)), np.nan).transpose(1, 2, 0)
-            self._n = 0
-        if self._n <= upto_bar:
-            new = self._store.read(day, self._n)
-            take = min(len(new), meta.n_bars - self._n)
-            self._buf[self._n:self._n + take] = new[:take]
-            self._n += take
-        if self._n <= upto_bar:
-            raise ValueError(f"bar {upto_bar} of {day} is not in the store yet (have {self._n})")
-        return meta, self._buf[: upto_bar + 1]
+        with self._lock:
+            if self._day != day:
+                self._start(meta)
+            if self._n <= upto_bar:
+                new = self._store.read(day, self._n)
+                take = min(len(new), meta.n_bars - self._n)
+                self._buf[self._n:self._n + take] = new[:take]
+                self._n += take
+            if self._n <= upto_bar:
+                raise ValueError(f"bar {upto_bar} of {day} is not in the store yet "
+                                 f"(have {self._n})")
+            return meta, self._buf[: upto_bar + 1]
+
+    def _start(self, meta: SessionMeta) -> None:
+        self._day, self._meta = meta.date, meta
+        # field-major storage seen through a [T, S, 5] view: window[:, :, CLOSE] and the
+        # other fields are contiguous [T, S] arrays, which the rules read fastest
+        self._buf = np.full((5, meta.n_bars, len(meta.symbols)), np.nan).transpose(1, 2, 0)
+        self._n = 0
+
+    def deliver(self, day: dt.date, bar: int, raw: bytes) -> bool:
+        """Take a published row: kept when it is the next bar of the session this window
+        holds (else ignored: ``get`` reads what is missing from the store). True if kept."""
+        with self._lock:
+            meta = self._meta
+            if meta is None or day != self._day or bar != self._n or bar >= meta.n_bars \
+                    or len(raw) != meta.row_bytes:
+                return False
+            self._buf[bar] = rows_from_bytes(raw, len(meta.symbols))[0]
+            self._n += 1
+            self.delivered += 1
+            return True
+
+
+class BarListener:
+    """A thread that subscribes to the published bars and hands each to a ``BarWindow``
+    (the scoring worker starts one after the fork). Best effort: a row it misses, or one
+    that comes late, is read from the store by ``BarWindow.get``; a broken connection is
+    opened again after a second."""
+
+    def __init__(self, redis: Redis, keys: Keys, window: BarWindow) -> None:
+        self._r = redis
+        self._channel = keys.bars_channel()
+        self._window = window
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bar-listener", daemon=True)
+
+    def start(self) -> BarListener:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self._channel)
+                self.subscribed.set()
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is not None and msg.get("type") == "message":
+                        self._take(msg["data"])
+            except Exception:  # the store stays the source: scoring reads what it misses
+                log.warning("bar listener lost its connection; subscribing again",
+                            exc_info=True)
+                self.subscribed.clear()
+                self._stop.wait(1.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
+    def _take(self, data: bytes) -> None:
+        date_s, _, rest = data.partition(b":")
+        bar_s, _, raw = rest.partition(b":")
+        try:
+            day, bar = dt.date.fromisoformat(date_s.decode()), int(bar_s)
+        except ValueError:
+            log.warning("published bar not understood", extra={"head": data[:32]})
+            return
+        self._window.deliver(day, bar, raw)

@@ -244,8 +244,10 @@ def test_memory_twin_of_the_one_round_trip_advance(redis_client) -> None:
         r.hset("st", mapping={"day": 0, "bar": 1, "settled": 1, "status": "running"})
         r.set("data", b"0123456789abcdefghij")
         r.set("bars", b"01234567")
-    cases = [[0, 4, "7.5", 60, "g:", 5], [0, 4, "8.5", 60, "g:", 5], [1, 4, "1", 60, "g:", 5],
-             [0, 4, "9", 60, "g:", 3]]
+    cases = [[0, 4, "7.5", 60, "g:", 5, "chan", "2024-06-03"],
+             [0, 4, "8.5", 60, "g:", 5, "chan", "2024-06-03"],
+             [1, 4, "1", 60, "g:", 5, "chan", "2024-06-03"],
+             [0, 4, "9", 60, "g:", 3, "chan", "2024-06-03"]]
     for args in cases:
         real = redis_client.register_script(script)(keys=["st", "data", "bars"], args=args)
         fake = mem.register_script(script)(keys=["st", "data", "bars"], args=args)
@@ -362,3 +364,66 @@ def test_memory_twins_of_the_ledger(redis_client) -> None:
         fake = mem.register_script(script)(keys=keys, args=args)
         assert fake == real, args
     assert _dump(mem) == _dump(redis_client)
+
+
+def test_published_bars_reach_the_scoring_window_without_a_read(redis_client) -> None:
+    """The replay's advance and the feed's append publish each row; a listener hands it to
+    the window, which then serves the bar without asking the store. A row it missed (or
+    one from another session) is read from the store: the window is the same either way."""
+    import time
+
+    from core.market.bar_store import BarListener, BarWindow, SessionMeta
+
+    keys = Keys.for_mode("sim", "pub")
+    store = RedisBarStore(redis_client, keys)
+    replay = RedisReplay(redis_client, keys, store)
+    day = make_day(("AAA", "BBB"))
+    replay.prepare([day])
+    window = BarWindow(RedisBarStore(redis_client, keys))
+    listener = BarListener(redis_client, keys, window).start()
+    try:
+        assert listener.subscribed.wait(5)
+        replay.state()
+        assert replay.advance_next(1.0).bar == 0
+        window.get(DAY, 0)  # the first bar of a session: read (the window starts it)
+        for bar in range(1, 6):
+            replay.settle(DAY, bar - 1)
+            assert replay.advance_next(1.0).bar == bar
+            deadline = time.monotonic() + 5
+            while window.delivered < bar and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert window.delivered == 5
+        reads: list[int] = []
+        inner = window._store.read
+        window._store.read = lambda *a: reads.append(1) or inner(*a)  # type: ignore
+        _, got = window.get(DAY, 5)
+        assert reads == [] and np.array_equal(got, day.ohlcv[:6])  # no read: all delivered
+        # a row that is not the next one is ignored; the store fills the gap
+        assert not window.deliver(DAY, 9, day.ohlcv[9].tobytes())
+        replay.settle(DAY, 5)
+        window.deliver(DAY, 6, b"short")  # malformed: ignored too
+        listener.stop()
+        assert replay.advance_next(1.0).bar == 6  # published with nobody listening
+        _, got = window.get(DAY, 6)
+        assert reads == [1] and np.array_equal(got, day.ohlcv[:7])
+    finally:
+        listener.stop()
+    # the feed's append publishes the same way
+    feed_keys = Keys.for_mode("paper", "x")
+    feed_store = RedisBarStore(redis_client, feed_keys)
+    meta = SessionMeta(DAY, day.symbols, day.open_time, day.close_time, 60)
+    feed_store.start_session(meta)
+    feed_window = BarWindow(RedisBarStore(redis_client, feed_keys))
+    feed_listener = BarListener(redis_client, feed_keys, feed_window).start()
+    try:
+        assert feed_listener.subscribed.wait(5)
+        feed_store.append(DAY, 0, day.ohlcv[0])
+        feed_window.get(DAY, 0)
+        feed_store.append(DAY, 1, day.ohlcv[1])
+        deadline = time.monotonic() + 5
+        while feed_window.delivered < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert feed_window.delivered == 1
+        assert np.array_equal(feed_window.get(DAY, 1)[1], day.ohlcv[:2])
+    finally:
+        feed_listener.stop()

@@ -145,7 +145,7 @@ def test_submit_and_lock_twins(redis_client: Any) -> None:
 def test_bar_append_twin(redis_client: Any) -> None:
     real, fake, mem = _script_pair(redis_client, bar_store._APPEND_LUA)
     for off, data in ((0, b"abcd"), (0, b"abcd"), (4, b"efgh"), (12, b"zzzz"), (8, b"ijkl")):
-        args = [off, data, 3600]
+        args = [off, data, 3600, "chan", "2024-06-03", off // 4]
         assert fake(keys=["bars"], args=args) == real(keys=["bars"], args=args)
     assert _dump(mem) == _dump(redis_client)
 
