@@ -33,12 +33,13 @@ from core.errors import FillsPending
 from core.execution import apply_fill_events, queue_fill_events, reconcile, release_orphans
 from core.market.bar_store import rows_from_bytes
 from core.runtime import Runtime
-from core.scoring import log_skips, mark_values, rule_masks, score_bar, symbol_index
+from core.scoring import BarFacts, bar_facts, log_skips, mark_values, score_bar, symbol_index
 from core.signals import Signal
 from ml.predictor import exit_model, score_signals
 
 log = logging.getLogger(__name__)
 _AWAIT_FILLS_S = 10.0  # longest wait of early scoring for its bar's fills (seconds)
+_MARK_WAIT_S = 0.05  # longest wait for a pushed fills mark before Redis is asked (seconds)
 _EOD_LEASE_S = 60  # a tick recording the end of a day holds it this long at most (seconds)
 INLINE_MAX_BYTES = 8192  # a scored bar's JSON up to this size rides in decide's message
 
@@ -141,6 +142,9 @@ def _process_fills(rt: Runtime, meta: Any, bar: int, row: Any) -> list[FillEvent
     fills done (scoring that started early waits for the mark)."""
     def mark(pipe: Any) -> None:
         pipe.set(rt.keys.fills_done(meta.date), bar, ex=4 * 24 * 3600)
+        # told to whoever waits for it (the scoring process's listener), in the same
+        # transaction: no poll of the mark
+        pipe.publish(rt.keys.fills_channel(), f"{meta.date.isoformat()}:{bar}")
 
     if getattr(rt.broker, "fills_in_one_transaction", False):
         # the reservations and the mark ride on the broker's own fills transaction
@@ -158,12 +162,21 @@ def positions_after_fills(rt: Runtime, day: dt.date, bar: int,
     """The open positions once the tick marked bar ``bar``'s fills done (with
     ``timeout_s``; without it at once), and which of ``entries`` ("SYMBOL:side") were
     taken today: read in one transaction with the mark, so they match. FillsPending after
-    ``timeout_s`` (the tick failed: its watchdog dispatches the bar again)."""
+    ``timeout_s`` (the tick failed: its watchdog dispatches the bar again).
+
+    With the process's listener subscribed (``rt.fills_mark.live``), it waits for the
+    pushed mark before each read instead of polling (each wait capped at
+    ``_MARK_WAIT_S``, so a push it missed costs that much at most); else it polls."""
     queue = getattr(rt.broker, "queue_positions", None)
     key = rt.keys.fills_done(day)
     deadline = time.monotonic() + (timeout_s or 0.0)
     delay = 0.0002
+    signal = rt.fills_mark
     while True:
+        pushed = False  # the listener saw this bar's mark (or waited in vain: False)
+        if timeout_s is not None and signal.live:
+            pushed = signal.wait(day, bar, max(0.0, min(_MARK_WAIT_S,
+                                                        deadline - time.monotonic())))
         pipe = rt.redis.pipeline(transaction=True)
         pipe.get(key)
         if entries:
@@ -182,8 +195,9 @@ def positions_after_fills(rt: Runtime, day: dt.date, bar: int,
         if time.monotonic() > deadline:
             raise FillsPending(f"fills of bar {bar} of {day} not applied within "
                                f"{timeout_s:g} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        if pushed or not signal.live:  # no listener (or it disagrees with Redis): poll
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
 
 def _record_day_once(rt: Runtime, meta: Any) -> bool:
@@ -265,26 +279,22 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
     """
     day = dt.date.fromisoformat(str(payload["date"]))
     bar = int(payload["bar"])
-    meta, window = rt.window.get(day, bar)
     predictor = rt.models.get() if rt.models is not None else None
     problem = rt.models.problem if rt.models is not None else None
+    # the bars-only part: usually done already, when the bar was pushed to this process
+    meta, window, facts, keys = facts_at(rt, day, bar, entries)
     exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
     params = rt.scoring_params(meta.bar_seconds)
     if not entries:
         params = dataclasses.replace(params, strategies=())
-    masks = rule_masks(window, params, sums=rt.sums)  # needs the bars only
     wait = (min(rt.settings.sim_settle_timeout_s, _AWAIT_FILLS_S)
             if payload.get("await_fills") else None)
-    # the entries the rules would repeat: a symbol and side entered today is not entered
-    # again (the decision drops those too; its look at today's entries comes later, and
-    # they only grow), so their signals are not built
-    keys = _entry_keys(meta.symbols, masks)
     positions, taken = positions_after_fills(rt, day, bar, wait, keys)
     held = rt.held.sync_from(rt.broker, positions, meta.symbols, meta.open_time,
                              meta.bar_seconds, day.isoformat())
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
                        params, exit_model=exit_fn, tracker=rt.extremes, sums=rt.sums,
-                       skip_held=True, masks=masks, held=held,
+                       skip_held=True, facts=facts, held=held,
                        skip_taken=_taken_masks(meta.symbols, taken) if taken else None)
     if scored.skipped:
         log_skips(day, scored.skipped, rt.skip_log_seen)
@@ -302,6 +312,36 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
             "marks": marks,
             "exits": {sym: list(v) for sym, v in scored.exits.items()},
             "model": predictor.version if predictor is not None else None}
+
+
+def facts_at(rt: Runtime, day: dt.date, bar: int, entries: bool = True
+             ) -> tuple[Any, np.ndarray, BarFacts, list[str]]:
+    """Session meta, window (bars ``0..bar``), ``BarFacts`` of bar ``bar`` of ``day`` and the
+    entry keys ("SYMBOL:side") the rules would repeat if already taken today (the decision
+    drops those; scoring asks which were taken so it builds no signal for them). Computed
+    once per bar and process (``rt.facts``), by the first thread that asks."""
+    meta, window = rt.window.get(day, bar)
+    params = rt.scoring_params(meta.bar_seconds)
+    if not entries:
+        params = dataclasses.replace(params, strategies=())
+
+    def compute() -> tuple[BarFacts, list[str]]:
+        facts = bar_facts(window, meta.symbols, params, sums=rt.sums)
+        return facts, _entry_keys(meta.symbols, facts.masks)
+
+    facts, keys = rt.facts.get((day, bar, rt.window.generation, params.strategies), compute)
+    return meta, window, facts, keys
+
+
+def prepare_bar(rt: Runtime, day: dt.date, bar: int) -> None:
+    """Compute bar ``bar``'s facts ahead of its score task (the bar listener calls this when
+    the bar is pushed): the task then finds them done. Never raises; the task computes
+    what is missing."""
+    try:
+        facts_at(rt, day, bar)
+    except Exception:  # the score task reports its own errors
+        log.debug("bar facts not prepared", extra={"date": day.isoformat(), "bar": bar},
+                  exc_info=True)
 
 
 def _entry_keys(symbols: tuple[str, ...], masks: list[Any]) -> list[str]:

@@ -69,6 +69,10 @@ class Keys:
     def bars_meta(self, day: dt.date) -> str:
         return self.k(f"bars:{day.isoformat()}:meta")
 
+    def fills_channel(self) -> str:
+        """Pub/sub channel of the fills-done marks as they are set (``<date>:<bar>``)."""
+        return self.k("fills_done:published")
+
     def bars_channel(self) -> str:
         """Pub/sub channel of the rows appended to the bar store (``<date>:<bar>:<row>``)."""
         return self.k("bars:published")

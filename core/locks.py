@@ -14,6 +14,8 @@ from typing import Any
 
 from redis import Redis
 
+from core.scripts import queue_script, registered
+
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -34,8 +36,13 @@ class TokenLock:
         self._key = key
         self._ttl = ttl_ms
         self._token = secrets.token_hex(16)
-        self._release = redis.register_script(_RELEASE_LUA)
+        self._release = registered(redis, _RELEASE_LUA)
         self.held = False
+
+    @property
+    def token(self) -> str:
+        """This holder's random token (a script that takes the lock sets it as the value)."""
+        return self._token
 
     def acquire(self) -> bool:
         """Take the lock if free; True when taken."""
@@ -64,7 +71,7 @@ class TokenLock:
         transaction that writes what the lock guarded. ``held`` stays set: call
         ``released`` once the pipeline ran, or ``release`` if it failed."""
         if self.held:
-            self._release(keys=[self._key], args=[self._token], client=pipe)
+            queue_script(pipe, self._release, [self._key], [self._token])
 
     def released(self) -> None:
         """Record that a queued release ran."""
@@ -92,7 +99,7 @@ class ProcessLock:
                                  "since": time.time(), "nonce": secrets.token_hex(8),
                                  **(info or {})})
         self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
+        self._release = registered(redis, _RELEASE_LUA)
         self.held = False
 
     def try_acquire(self) -> bool:

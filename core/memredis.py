@@ -314,6 +314,9 @@ class MemoryRedis:
     def ping(self) -> bool:
         return True
 
+    def publish(self, channel: Any, message: Any) -> int:
+        return 0  # one process, no subscriber: nobody receives it (as Redis answers then)
+
     def __getattr__(self, name: str) -> Any:
         raise UnsupportedCommand(f"MemoryRedis has no command {name!r}")
 
@@ -540,6 +543,15 @@ def _submit(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     return [1, argv[1]]
 
 
+def _take_working(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    ids = list(r.smembers(keys[0]))
+    if not ids and (argv[2] != b"1" or r.hlen(keys[3]) == 0):
+        return [0]
+    if not r.set(keys[2], argv[0], nx=True, px=int(argv[1])):
+        return [-1]
+    return [1, ids, r.hmget(keys[1], ids) if ids else []]
+
+
 def _release(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     if r.get(keys[0]) == argv[0]:
         return r.delete(keys[0])
@@ -569,7 +581,7 @@ def _twins() -> dict[str, Twin]:
             bar_store._APPEND_LUA: _append_row,
             risk_store._RESERVE_LUA: _reserve, risk_store._ADJUST_LUA: _adjust,
             risk_store._REBUILD_LUA: _rebuild, risk_store._SETTLE_LUA: _settle_fills,
-            simulated._SUBMIT_LUA: _submit,
+            simulated._SUBMIT_LUA: _submit, simulated._TAKE_WORKING_LUA: _take_working,
             locks._RELEASE_LUA: _release, locks._RENEW_LUA: _renew,
         }
     return _TWINS

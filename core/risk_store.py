@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 from redis import Redis
 
 from core.keys import Keys
+from core.scripts import queue_script
 
 ReserveStatus = Literal["reserved", "exists", "released", "limit", "invalid"]
 _DAY_TTL_S = 4 * 24 * 3600  # keep a few days for reports, then let Redis drop them
@@ -222,7 +223,7 @@ class RedisDailyLimitStore:
             return [None if int(v) < 0 else int(v) for v in reply]
 
         if pipe is not None:
-            self._settle(keys=keys, args=args, client=pipe)
+            queue_script(pipe, self._settle, keys, args)
             return read
         return read(self._settle(keys=keys, args=args))
 

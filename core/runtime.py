@@ -21,11 +21,11 @@ from core.decision import DecisionParams
 from core.exits import ExtremeTracker
 from core.held import HeldColumns
 from core.keys import Keys
-from core.market.bar_store import BarWindow, RedisBarStore, SessionMeta
+from core.market.bar_store import BarWindow, FillsMark, RedisBarStore, SessionMeta
 from core.replay import RedisReplay
 from core.risk import RiskLimits
 from core.risk_store import RedisDailyLimitStore
-from core.scoring import ScoringParams
+from core.scoring import FactsCache, ScoringParams
 from core.signals.sums import SessionSums
 from ml.predictor import ModelHolder, make_predictor
 
@@ -66,6 +66,10 @@ class Runtime:
     # the held positions as arrays over the universe, kept from bar to bar (scoring's
     # exits, the decision's marks and loss limit)
     held: HeldColumns = field(default_factory=HeldColumns)
+    # the last bar's bars-only scoring facts, computed ahead when the bar is pushed
+    facts: FactsCache = field(default_factory=FactsCache)
+    # the fills-done marks pushed to the scoring process (live only with its listener)
+    fills_mark: FillsMark = field(default_factory=FillsMark)
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import compress
@@ -140,6 +141,55 @@ def symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
     return {s: i for i, s in enumerate(symbols)}
 
 
+@dataclass(frozen=True)
+class BarFacts:
+    """What scoring a bar needs of the bars alone (no position, no order): where the rules
+    fire (``masks``), the symbols that cannot be traded and why (``skipped``), and the marks
+    (``mark_array``: US dollars in the universe's order, NaN where none; ``marks``: the same
+    by symbol, usable ones only)."""
+
+    masks: list[RuleMasks]
+    skipped: dict[str, str]
+    mark_array: np.ndarray
+    marks: dict[str, float]
+
+
+def bar_facts(window: np.ndarray, symbols: tuple[str, ...], params: ScoringParams,
+              xp: ModuleType = np, sums: SessionSums | None = None) -> BarFacts:
+    """The ``BarFacts`` of the last bar of ``window`` ([t+1, S, 5])."""
+    row = window[window.shape[0] - 1]
+    row_np = row.get() if hasattr(row, "get") else np.asarray(row)
+    mark_array = mark_values(row_np)
+    usable = (~np.isnan(mark_array)).tolist()
+    marks = dict(zip(compress(symbols, usable), compress(mark_array.tolist(), usable),
+                     strict=True))
+    return BarFacts(masks=rule_masks(window, params, xp, sums),
+                    skipped=bar_problems(row_np, symbols), mark_array=mark_array,
+                    marks=marks)
+
+
+class FactsCache:
+    """The last bar's facts of one scoring process, computed once by whichever thread asks
+    first (the bar listener, ahead of the score task, or the task itself); the lock also
+    keeps the running sums they extend to one thread at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Any = None
+        self._value: Any = None
+        self.computed = 0  # how many times a value was computed (a gauge for tests)
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """The value for ``key``: the cached one when the last key was equal, else
+        ``compute()`` (kept for the next call)."""
+        with self._lock:
+            if self._key != key:
+                self._value = compute()
+                self._key = key
+                self.computed += 1
+            return self._value
+
+
 def rule_masks(window: np.ndarray, params: ScoringParams, xp: ModuleType = np,
                sums: SessionSums | None = None) -> list[RuleMasks]:
     """Where each rule strategy of ``params`` fires at the last bar of ``window`` (the part of
@@ -157,7 +207,7 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
               exit_model: ExitModel | None = None, xp: ModuleType = np,
               tracker: ExtremeTracker | None = None,
               sums: SessionSums | None = None, skip_held: bool = False,
-              masks: list[RuleMasks] | None = None,
+              facts: BarFacts | None = None,
               held: HeldColumns | None = None,
               skip_taken: tuple[np.ndarray, np.ndarray] | None = None) -> ScoredBar:
     """Score the last bar of ``window`` ([t+1, S, 5]) for every symbol.
@@ -167,16 +217,16 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
     ``tracker`` and ``sums`` carry the scoring process's state from bar to bar (peaks and
     troughs, running sums); the result is the same without them. ``skip_held``: no signals
     for symbols with an open position (the decision never enters those; the cluster and the
-    backtester pass it, which saves building signals nobody takes). ``masks``: the rules'
-    ``rule_masks`` for this window, when already computed; ``held``: the scoring process's
+    backtester pass it, which saves building signals nobody takes). ``facts``: this
+    window's ``bar_facts``, when already computed; ``held``: the scoring process's
     ``HeldColumns``, synced to ``positions`` (with it the tracker keys its state by column);
     ``skip_taken``: per symbol, entered long / short today: no signal repeats those.
     """
     t = window.shape[0] - 1
     bar_time = open_time + dt.timedelta(seconds=t * bar_seconds)
-    row = window[t]
-    row_np = row.get() if hasattr(row, "get") else np.asarray(row)
-    skipped = bar_problems(row_np, symbols)
+    if facts is None:
+        facts = bar_facts(window, symbols, params, xp, sums)
+    skipped = facts.skipped
     index = symbol_index(symbols)
     keyed = held is None  # no columns kept from bar to bar: the tracker keys by order id
     if held is None:
@@ -192,22 +242,17 @@ def score_bar(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.dateti
     if skip_taken is not None:
         base = only if only is not None else np.ones(len(symbols), dtype=bool)
         only_long, only_short = base & ~skip_taken[0], base & ~skip_taken[1]
-    if masks is None:
-        masks = rule_masks(window, params, xp, sums)
     signals: list[Signal] = []
-    for m in masks:
+    for m in facts.masks:
         signals += m.signals(symbols, bar_time, xp, only_long, only_short)
     if "random" in params.strategies:
         signals += [s for s in random_signals(window, symbols, bar_time, params.random, xp)
                     if (ok := only_long if s.side == "buy" else only_short) is None
                     or ok[index[s.symbol]]]
-    mark_array = mark_values(row_np)
-    usable = ~np.isnan(mark_array)
-    marks = dict(zip(compress(symbols, usable.tolist()),
-                     compress(mark_array.tolist(), usable.tolist()), strict=True))
+    usable = ~np.isnan(facts.mark_array)
     exits = _exits(window, held, usable, params.exits, exit_model, xp, tracker, keyed)
-    return ScoredBar(signals=signals, marks=marks, exits=exits, skipped=skipped,
-                     mark_array=mark_array)
+    return ScoredBar(signals=signals, marks=dict(facts.marks), exits=exits,
+                     skipped=dict(skipped), mark_array=facts.mark_array)
 
 
 def held_exits(window: np.ndarray, symbols: tuple[str, ...], open_time: dt.datetime,

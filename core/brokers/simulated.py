@@ -54,6 +54,7 @@ from core.market.bar_store import SessionMeta
 from core.models import HIGH, LOW, OPEN, VOLUME
 from core.money import cents
 from core.replay import RedisReplay
+from core.scripts import queue_script
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,24 @@ _LOCK_TTL_MS = 30_000  # the broker's lock expires if its holder dies
 _LOCK_WAIT_S = 10.0  # how long a writer waits for the lock before giving up (retried)
 _MAX_BOOK_CHANGES = 50_000  # changes kept for book_changes readers before they start over
 _WORKING = ("accepted", "partially_filled")
+
+# The working orders and the broker's lock in one step, for the fills of a bar: {0} (no
+# lock taken) when no order is open and no position needs its stop checked; {-1} when
+# another process holds the lock; else {1, ids, the orders' JSON (nil: gone)}.
+# KEYS: open_orders, orders, lock, positions. ARGV: token, ttl_ms, check_positions (0/1).
+_TAKE_WORKING_LUA = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+if #ids == 0 and (ARGV[3] ~= '1' or redis.call('HLEN', KEYS[4]) == 0) then return {0} end
+if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then
+  return {-1}
+end
+local raws = {}
+for i = 1, #ids, 500 do
+  local part = redis.call('HMGET', KEYS[2], unpack(ids, i, math.min(i + 499, #ids)))
+  for j = 1, #part do raws[#raws + 1] = part[j] end
+end
+return {1, ids, raws}
+"""
 
 # Record a new order once; a known client_order_id returns the stored order.
 _SUBMIT_LUA = """
@@ -106,6 +125,7 @@ class SimulatedBroker:
         self._replay = replay
         self._model = model
         self._submit = redis.register_script(_SUBMIT_LUA)
+        self._take_working = redis.register_script(_TAKE_WORKING_LUA)
         self._starting_cash = starting_cash_cents
         self._margin = margin_multiplier
         self._htb = hard_to_borrow
@@ -480,12 +500,13 @@ class SimulatedBroker:
     def _log_position(self, pipe, symbol: str, position: Position | None) -> None:
         """Queue one change of ``symbol``'s position (None: closed) on a transaction."""
         k = self._k
+        raw = position.to_json() if position is not None else ""
         if position is None:
             pipe.hdel(k.broker("positions"), symbol)
         else:
-            pipe.hset(k.broker("positions"), symbol, position.to_json())
+            pipe.hset(k.broker("positions"), symbol, raw)
         log_key = k.broker("positions_log")
-        pipe.rpush(log_key, f"{symbol}\n{position.to_json() if position else ''}")
+        pipe.rpush(log_key, f"{symbol}\n{raw}")
         pipe.expire(log_key, _TTL_S)
 
     def compact_positions_log(self) -> None:
@@ -530,35 +551,33 @@ class SimulatedBroker:
 
         With protective stops on, the positions' stops are checked against this bar first.
         Processing the same bar again fills nothing twice: a partially filled order is next
-        due at the following bar, a stopped position is gone. Three round trips when
-        something is working: the open orders; the broker's lock with the orders and the
-        positions that changed; the writes with the lock's release, in one transaction.
-        ``also(events, pipe)`` queues more commands on that transaction (the caller's
-        bookkeeping of the fills) and returns what reads their replies; with nothing working
-        they go in a round trip of their own.
+        due at the following bar, a stopped position is gone. Two round trips: the broker's
+        lock with the working orders and the positions that changed (no lock when nothing
+        works); the writes with the lock's release, in one transaction. ``also(events,
+        pipe)`` queues more commands on that transaction (the caller's bookkeeping of the
+        fills) and returns what reads their replies; with nothing working they go in a
+        round trip of their own.
         """
         events: list[FillEvent] = []
         k = self._k
+        lock = TokenLock(self._r, k.broker("lock"), ttl_ms=_LOCK_TTL_MS)
         pipe = self._r.pipeline(transaction=False)
-        pipe.smembers(k.broker("open_orders"))
-        if self._stops:
-            pipe.hlen(k.broker("positions"))
-        open_ids, *n_positions = pipe.execute()
-        if not open_ids and not (n_positions and n_positions[0]):
+        queue_script(pipe, self._take_working,
+                     [k.broker("open_orders"), k.broker("orders"), k.broker("lock"),
+                      k.broker("positions")],
+                     [lock.token, _LOCK_TTL_MS, 1 if self._stops else 0])
+        self._queue_book(pipe)
+        got, *book = pipe.execute()
+        if int(got[0]) == 0:
             if also is not None:  # nothing working: the caller's commands alone
                 pipe = self._r.pipeline(transaction=True)
                 finish = also(events, pipe)
                 finish(pipe.execute())
             return events  # the common case: nothing working, no lock
-        ids = sorted(x.decode() for x in open_ids)
-        lock = TokenLock(self._r, k.broker("lock"), ttl_ms=_LOCK_TTL_MS)
-        pipe = self._r.pipeline(transaction=False)
-        lock.queue_acquire(pipe)
-        if ids:
-            pipe.hmget(k.broker("orders"), ids)
-        self._queue_book(pipe)
-        got, *rest = pipe.execute()
-        if not lock.taken(got):
+        if lock.taken(int(got[0]) == 1):
+            pairs = sorted(zip((x.decode() for x in got[1]), got[2], strict=True))
+            raws = [raw for _, raw in pairs]
+        else:
             # another process holds the broker: wait for it, then read everything again
             self._acquire(lock)
             pipe = self._r.pipeline(transaction=True)
@@ -567,9 +586,6 @@ class SimulatedBroker:
             open_ids, *book = pipe.execute()
             ids = sorted(x.decode() for x in open_ids)
             raws = self._r.hmget(k.broker("orders"), ids) if ids else []
-        else:
-            raws = rest.pop(0) if ids else []
-            book = rest
         try:
             positions = self._apply_book(*book)
             working = [o for o in (Order.from_json(r) for r in raws if r)

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +165,8 @@ class BarWindow:
         self._n = 0
         self._lock = threading.Lock()  # ``deliver`` runs in the listener's thread
         self.delivered = 0  # rows that arrived by ``deliver`` (a gauge for tests and status)
+        self.generation = 0  # counts the sessions started: what was derived from a window
+        # of an older generation does not describe this one
 
     def get(self, day: dt.date, upto_bar: int) -> tuple[SessionMeta, np.ndarray]:
         """Bars ``0..upto_bar`` of ``day`` as ``[upto_bar + 1, S, 5]`` (a view; do not modify)."""
@@ -185,6 +188,7 @@ class BarWindow:
 
     def _start(self, meta: SessionMeta) -> None:
         self._day, self._meta = meta.date, meta
+        self.generation += 1
         # field-major storage seen through a [T, S, 5] view: window[:, :, CLOSE] and the
         # other fields are contiguous [T, S] arrays, which the rules read fastest
         self._buf = np.full((5, meta.n_bars, len(meta.symbols)), np.nan).transpose(1, 2, 0)
@@ -204,16 +208,53 @@ class BarWindow:
             return True
 
 
+class FillsMark:
+    """The newest fills-done mark pushed to this process (``<date>:<bar>`` on the fills
+    channel, published by the tick in the transaction that sets the mark): lets scoring
+    wait for its bar's fills without polling Redis. A hint only: the mark in Redis stays
+    the authority. ``live``: a listener is subscribed (else nothing arrives here)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._last: tuple[dt.date, int] | None = None
+        self.live = False
+
+    def push(self, day: dt.date, bar: int) -> None:
+        """Record that bar ``bar`` of ``day`` has its fills applied; wakes the waiters."""
+        with self._cond:
+            if self._last is None or (day, bar) > self._last:
+                self._last = (day, bar)
+            self._cond.notify_all()
+
+    def seen(self, day: dt.date, bar: int) -> bool:
+        """Whether a mark at or after bar ``bar`` of ``day`` arrived."""
+        last = self._last
+        return last is not None and last >= (day, bar)
+
+    def wait(self, day: dt.date, bar: int, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for bar ``bar``'s mark; True when it arrived."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.seen(day, bar), timeout_s)
+
+
 class BarListener:
     """A thread that subscribes to the published bars and hands each to a ``BarWindow``
-    (the scoring worker starts one after the fork). Best effort: a row it misses, or one
-    that comes late, is read from the store by ``BarWindow.get``; a broken connection is
-    opened again after a second."""
+    (the scoring worker starts one after the fork), then calls ``on_bar(day, bar)`` with
+    each row it kept (scoring's work on the bars alone starts there, before the score task
+    arrives; ``on_bar`` must not raise); with ``fills``, it also passes on the fills-done
+    marks as they are set (``FillsMark``). Best effort: a row it misses, or one that comes
+    late, is read from the store by ``BarWindow.get``; a broken connection is opened again
+    after a second."""
 
-    def __init__(self, redis: Redis, keys: Keys, window: BarWindow) -> None:
+    def __init__(self, redis: Redis, keys: Keys, window: BarWindow,
+                 on_bar: Callable[[dt.date, int], None] | None = None,
+                 fills: FillsMark | None = None) -> None:
         self._r = redis
         self._channel = keys.bars_channel()
+        self._fills_channel = keys.fills_channel()
         self._window = window
+        self._on_bar = on_bar
+        self._fills = fills
         self._stop = threading.Event()
         self.subscribed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bar-listener", daemon=True)
@@ -231,21 +272,41 @@ class BarListener:
             pubsub = None
             try:
                 pubsub = self._r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self._channel)
+                pubsub.subscribe(self._channel, self._fills_channel)
                 self.subscribed.set()
+                if self._fills is not None:
+                    self._fills.live = True
+                fills_channel = self._fills_channel.encode()
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=0.5)
-                    if msg is not None and msg.get("type") == "message":
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    if msg["channel"] == fills_channel:
+                        self._take_mark(msg["data"])
+                    else:
                         self._take(msg["data"])
             except Exception:  # the store stays the source: scoring reads what it misses
                 log.warning("bar listener lost its connection; subscribing again",
                             exc_info=True)
-                self.subscribed.clear()
                 self._stop.wait(1.0)
             finally:
+                self.subscribed.clear()
+                if self._fills is not None:
+                    self._fills.live = False  # waiters poll Redis meanwhile
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()
+
+    def _take_mark(self, data: bytes) -> None:
+        if self._fills is None:
+            return
+        date_s, _, bar_s = data.partition(b":")
+        try:
+            day, bar = dt.date.fromisoformat(date_s.decode()), int(bar_s)
+        except ValueError:
+            log.warning("published fills mark not understood", extra={"head": data[:32]})
+            return
+        self._fills.push(day, bar)
 
     def _take(self, data: bytes) -> None:
         date_s, _, rest = data.partition(b":")
@@ -255,4 +316,5 @@ class BarListener:
         except ValueError:
             log.warning("published bar not understood", extra={"head": data[:32]})
             return
-        self._window.deliver(day, bar, raw)
+        if self._window.deliver(day, bar, raw) and self._on_bar is not None:
+            self._on_bar(day, bar)

@@ -142,6 +142,41 @@ def test_submit_and_lock_twins(redis_client: Any) -> None:
     assert _dump(mem) == _dump(redis_client)
 
 
+def test_take_working_twin(redis_client: Any) -> None:
+    """The fills' first step (working orders and the broker's lock at once) answers alike:
+    nothing working, positions to check, orders (one gone), and a lock already held; also
+    queued on pipelines through ``queue_script``."""
+    from core.scripts import queue_script
+
+    real, fake, mem = _script_pair(redis_client, simulated._TAKE_WORKING_LUA)
+    keys = ["open", "orders", "lock", "positions"]
+
+    def both(args: list[Any]) -> None:
+        got = []
+        for r, script in ((redis_client, real), (mem, fake)):
+            pipe = r.pipeline(transaction=False)
+            queue_script(pipe, script, keys, args)
+            pipe.get("lock")
+            reply, lock = pipe.execute()
+            if reply[0] == 1:  # set order differs between servers: compare sorted pairs
+                reply = [1, sorted(zip(reply[1], reply[2], strict=True))]
+            got.append((reply, lock))
+        assert got[0] == got[1], args
+
+    both(["t1", 30000, 0])  # nothing open, stops off: no lock
+    for r in (redis_client, mem):
+        r.hset("positions", "AAA", "{}")
+    both(["t1", 30000, 0])  # a position, stops off: still nothing to do
+    both(["t1", 30000, 1])  # stops on: the lock is taken for the positions
+    for r in (redis_client, mem):
+        r.delete("lock")
+        r.sadd("open", "o1", "o2", "o3")
+        r.hset("orders", mapping={"o1": '{"a":1}', "o3": '{"c":3}'})
+    both(["t2", 30000, 0])  # o2 gone from the orders: a nil in its place
+    both(["t3", 30000, 0])  # held by t2: refused
+    assert _dump(mem) == _dump(redis_client)
+
+
 def test_bar_append_twin(redis_client: Any) -> None:
     real, fake, mem = _script_pair(redis_client, bar_store._APPEND_LUA)
     for off, data in ((0, b"abcd"), (0, b"abcd"), (4, b"efgh"), (12, b"zzzz"), (8, b"ijkl")):

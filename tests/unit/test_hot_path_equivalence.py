@@ -9,6 +9,7 @@ import math
 from decimal import Decimal
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -253,3 +254,42 @@ def test_score_bar_leaves_out_entries_taken_today_by_side() -> None:
         assert got == [s for s in plain if (s.symbol, s.side) != (first.symbol, first.side)]
         seen += 1
     assert seen > 5
+
+
+def test_fills_mark_orders_marks_by_day_then_bar() -> None:
+    import datetime as dt
+    import threading
+
+    from core.market.bar_store import FillsMark
+
+    mark = FillsMark()
+    d1, d2 = dt.date(2025, 3, 3), dt.date(2025, 3, 4)
+    assert not mark.seen(d1, 0) and not mark.wait(d1, 0, 0.01)
+    mark.push(d1, 5)
+    assert mark.seen(d1, 5) and mark.seen(d1, 0) and not mark.seen(d1, 6)
+    mark.push(d1, 3)  # an older mark (a replayed message) moves nothing back
+    assert mark.seen(d1, 5)
+    mark.push(d2, 0)  # a later day covers every bar of the earlier ones
+    assert mark.seen(d1, 389) and mark.seen(d2, 0) and not mark.seen(d2, 1)
+    threading.Timer(0.05, mark.push, args=(d2, 1)).start()
+    assert mark.wait(d2, 1, 5.0)  # woken by the push
+
+
+def test_order_with_is_dataclasses_replace() -> None:
+    import dataclasses
+
+    from core.brokers.base import Order
+
+    order = Order("a-1", "AAA", "buy", 10, "limit", "10.50", "ioc", "entry", False, "orb",
+                  "orb", 0.7, "accepted", "2025-03-03", "2025-03-03T14:31:00+00:00",
+                  fill_after_bar=3)
+    for changes in ({}, {"status": "filled", "filled_qty": 10, "filled_avg_price": "10.49"},
+                    {"status_reason": "x", "fill_after_bar": 4, "stop_price": None}):
+        got = order.with_(**changes)
+        assert got == dataclasses.replace(order, **changes) and got is not order
+        assert hash(got) == hash(dataclasses.replace(order, **changes))
+    assert order.status == "accepted"  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        order.with_(colour="red")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        order.with_(qty=1).qty = 2  # type: ignore[misc]

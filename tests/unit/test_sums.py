@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from core.calendar import NY
 from core.models import CLOSE, HIGH, LOW, VOLUME
-from core.scoring import ScoringParams, rule_masks, score_bar
+from core.scoring import ScoringParams, bar_facts, score_bar
 from core.signals.orb import OrbParams, orb_signals
 from core.signals.sums import SessionSums
 from core.signals.vwap import VwapParams, session_vwap, vwap_signals
@@ -101,7 +101,7 @@ def test_the_opening_range_is_kept_once_complete() -> None:
     assert sums.opening_range(w[:41], 15)[1] is hi  # computed once per session
 
 
-def test_score_bar_with_masks_and_state_equals_plain_score_bar() -> None:
+def test_score_bar_with_facts_and_state_equals_plain_score_bar() -> None:
     w = _walk(9, n_bars=150, n_sym=10)
     symbols = tuple(f"S{i}" for i in range(10))
     params = ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
@@ -110,8 +110,9 @@ def test_score_bar_with_masks_and_state_equals_plain_score_bar() -> None:
     running = SessionSums()
     for t in (20, 21, 40, 90, 149):
         view = w[: t + 1]
-        masks = rule_masks(view, params, sums=running)
-        got = score_bar(view, symbols, OPEN_TIME, 60, {}, params, sums=running, masks=masks)
+        facts = bar_facts(view, symbols, params, sums=running)
+        got = score_bar(view, symbols, OPEN_TIME, 60, {}, params, sums=running,
+                        facts=facts)
         assert got == score_bar(view, symbols, OPEN_TIME, 60, {}, params)
 
 
