@@ -166,17 +166,25 @@ def positions_after_fills(rt: Runtime, day: dt.date, bar: int,
 
     With the process's listener subscribed (``rt.fills_mark.live``), it waits for the
     pushed mark before each read instead of polling (each wait capped at
-    ``_MARK_WAIT_S``, so a push it missed costs that much at most); else it polls."""
+    ``_MARK_WAIT_S``, so a push it missed costs that much at most); else it polls. With
+    no ``entries`` to look up and the broker's copy of the positions pushed up to the mark
+    (``pushed_positions``; the push precedes the mark in the same transaction), it asks
+    Redis nothing."""
     queue = getattr(rt.broker, "queue_positions", None)
+    pushed_positions = getattr(rt.broker, "pushed_positions", None)
     key = rt.keys.fills_done(day)
     deadline = time.monotonic() + (timeout_s or 0.0)
     delay = 0.0002
     signal = rt.fills_mark
     while True:
         pushed = False  # the listener saw this bar's mark (or waited in vain: False)
-        if timeout_s is not None and signal.live:
-            pushed = signal.wait(day, bar, max(0.0, min(_MARK_WAIT_S,
-                                                        deadline - time.monotonic())))
+        if signal.live:
+            pushed = signal.seen(day, bar) or (timeout_s is not None and signal.wait(
+                day, bar, max(0.0, min(_MARK_WAIT_S, deadline - time.monotonic()))))
+            if pushed and not entries and pushed_positions is not None:
+                positions = pushed_positions()
+                if positions is not None:
+                    return positions, set()
         pipe = rt.redis.pipeline(transaction=True)
         pipe.get(key)
         if entries:
@@ -282,14 +290,21 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
     predictor = rt.models.get() if rt.models is not None else None
     problem = rt.models.problem if rt.models is not None else None
     # the bars-only part: usually done already, when the bar was pushed to this process
-    meta, window, facts, keys = facts_at(rt, day, bar, entries)
+    meta, window, prep = facts_at(rt, day, bar, entries)
+    facts = prep.facts
     exit_fn = exit_model(predictor, meta.bar_seconds) if predictor is not None else None
     params = rt.scoring_params(meta.bar_seconds)
     if not entries:
         params = dataclasses.replace(params, strategies=())
     wait = (min(rt.settings.sim_settle_timeout_s, _AWAIT_FILLS_S)
             if payload.get("await_fills") else None)
-    positions, taken = positions_after_fills(rt, day, bar, wait, keys)
+    # today's entries among those the rules would repeat: looked up by the listener with
+    # the facts (entries only grow, and none come between a bar's tick and its decision),
+    # else in the transaction that reads the positions
+    ahead = prep.taken
+    positions, taken = positions_after_fills(rt, day, bar, wait,
+                                             prep.keys if ahead is None else None)
+    taken = taken if ahead is None else ahead
     held = rt.held.sync_from(rt.broker, positions, meta.symbols, meta.open_time,
                              meta.bar_seconds, day.isoformat())
     scored = score_bar(window, meta.symbols, meta.open_time, meta.bar_seconds, positions,
@@ -315,32 +330,46 @@ def compute_scores(rt: Runtime, payload: dict[str, Any], entries: bool = True) -
 
 
 def facts_at(rt: Runtime, day: dt.date, bar: int, entries: bool = True
-             ) -> tuple[Any, np.ndarray, BarFacts, list[str]]:
-    """Session meta, window (bars ``0..bar``), ``BarFacts`` of bar ``bar`` of ``day`` and the
-    entry keys ("SYMBOL:side") the rules would repeat if already taken today (the decision
-    drops those; scoring asks which were taken so it builds no signal for them). Computed
-    once per bar and process (``rt.facts``), by the first thread that asks."""
+             ) -> tuple[Any, np.ndarray, Prepared]:
+    """Session meta, window (bars ``0..bar``) and the ``Prepared`` work of bar ``bar`` of
+    ``day``, computed once per bar and process (``rt.facts``) by the first thread that
+    asks."""
     meta, window = rt.window.get(day, bar)
     params = rt.scoring_params(meta.bar_seconds)
     if not entries:
         params = dataclasses.replace(params, strategies=())
 
-    def compute() -> tuple[BarFacts, list[str]]:
+    def compute() -> Prepared:
         facts = bar_facts(window, meta.symbols, params, sums=rt.sums)
-        return facts, _entry_keys(meta.symbols, facts.masks)
+        return Prepared(facts, _entry_keys(meta.symbols, facts.masks))
 
-    facts, keys = rt.facts.get((day, bar, rt.window.generation, params.strategies), compute)
-    return meta, window, facts, keys
+    prep = rt.facts.get((day, bar, rt.window.generation, params.strategies), compute)
+    return meta, window, prep
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A bar's scoring work that needs no position: its ``BarFacts``, the entry keys
+    ("SYMBOL:side") its rules would repeat if taken today (the decision drops those), and
+    which of them were taken (None: not looked up yet)."""
+
+    facts: BarFacts
+    keys: list[str]
+    taken: set[str] | None = None
 
 
 def prepare_bar(rt: Runtime, day: dt.date, bar: int) -> None:
-    """Compute bar ``bar``'s facts ahead of its score task (the bar listener calls this when
-    the bar is pushed): the task then finds them done. Never raises; the task computes
-    what is missing."""
+    """Do bar ``bar``'s scoring work ahead of its score task (the bar listener calls this
+    when the bar is pushed): the facts, and today's entries among their keys. The task
+    then finds them done. Never raises; the task does what is missing."""
     try:
-        facts_at(rt, day, bar)
+        _, _, prep = facts_at(rt, day, bar)
+        if prep.taken is None:
+            keys = prep.keys
+            hits = rt.redis.smismember(rt.keys.entries(day), keys) if keys else []
+            prep.taken = {k for k, hit in zip(keys, hits, strict=True) if hit}
     except Exception:  # the score task reports its own errors
-        log.debug("bar facts not prepared", extra={"date": day.isoformat(), "bar": bar},
+        log.debug("bar not prepared", extra={"date": day.isoformat(), "bar": bar},
                   exc_info=True)
 
 

@@ -69,6 +69,11 @@ class Keys:
     def bars_meta(self, day: dt.date) -> str:
         return self.k(f"bars:{day.isoformat()}:meta")
 
+    def positions_channel(self) -> str:
+        """Pub/sub channel of what the simulated broker's fills append to its positions log
+        (see ``core.brokers.simulated._PUSH_LOG_LUA``)."""
+        return self.k("broker:positions_log:published")
+
     def fills_channel(self) -> str:
         """Pub/sub channel of the fills-done marks as they are set (``<date>:<bar>``)."""
         return self.k("fills_done:published")

@@ -552,6 +552,15 @@ def _take_working(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     return [1, ids, r.hmget(keys[1], ids) if ids else []]
 
 
+def _push_log(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
+    entries = argv[2:]
+    if not entries:
+        return r.llen(keys[0])  # the push itself reaches nobody here
+    n = r.rpush(keys[0], *entries)
+    r.expire(keys[0], int(argv[0]))
+    return n
+
+
 def _release(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     if r.get(keys[0]) == argv[0]:
         return r.delete(keys[0])
@@ -582,6 +591,7 @@ def _twins() -> dict[str, Twin]:
             risk_store._RESERVE_LUA: _reserve, risk_store._ADJUST_LUA: _adjust,
             risk_store._REBUILD_LUA: _rebuild, risk_store._SETTLE_LUA: _settle_fills,
             simulated._SUBMIT_LUA: _submit, simulated._TAKE_WORKING_LUA: _take_working,
+            simulated._PUSH_LOG_LUA: _push_log,
             locks._RELEASE_LUA: _release, locks._RENEW_LUA: _renew,
         }
     return _TWINS

@@ -47,10 +47,13 @@ def _init_process(**_: object) -> None:
         # each published bar goes straight into this process's window (scoring seldom
         # has to read its bar from the store), and the bar's scoring work that needs no
         # position is done there, before its score task arrives; the fills-done marks
-        # come the same way (scoring waits for them without polling)
+        # come the same way (scoring waits for them without polling), and with the
+        # simulated broker what its fills change in the positions (scoring then reads
+        # none of them from Redis)
         from core.engine import prepare_bar
         from core.market.bar_store import BarListener
 
         BarListener(rt.redis, rt.keys, rt.window,
                     on_bar=lambda day, bar: prepare_bar(rt, day, bar),
-                    fills=rt.fills_mark).start()
+                    fills=rt.fills_mark,
+                    on_positions=getattr(rt.broker, "apply_pushed", None)).start()

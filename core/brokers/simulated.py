@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -83,6 +84,24 @@ end
 return {1, ids, raws}
 """
 
+# Append to the positions log and tell the listeners what was appended: the epoch, the
+# index of the first new entry, then the entries ("SYMBOL\n<json>"), NUL-separated (JSON
+# escapes control characters, so no entry holds one). With no entry it only tells where
+# the log stands: the sync point that precedes every fills mark. Returns the log's length.
+# KEYS: positions_log, positions_epoch. ARGV: ttl, channel, entries...
+_PUSH_LOG_LUA = """
+local n = redis.call('LLEN', KEYS[1])
+local first = n
+for i = 3, #ARGV, 1000 do
+  n = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if #ARGV > 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
+local msg = (redis.call('GET', KEYS[2]) or '0') .. '\\0' .. first
+if #ARGV > 2 then msg = msg .. '\\0' .. table.concat(ARGV, '\\0', 3) end
+redis.call('PUBLISH', ARGV[2], msg)
+return n
+"""
+
 # Record a new order once; a known client_order_id returns the stored order.
 _SUBMIT_LUA = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
@@ -126,6 +145,7 @@ class SimulatedBroker:
         self._model = model
         self._submit = redis.register_script(_SUBMIT_LUA)
         self._take_working = redis.register_script(_TAKE_WORKING_LUA)
+        self._push_log = redis.register_script(_PUSH_LOG_LUA)
         self._starting_cash = starting_cash_cents
         self._margin = margin_multiplier
         self._htb = hard_to_borrow
@@ -134,6 +154,8 @@ class SimulatedBroker:
         self._book: dict[str, Position] = {}
         self._book_epoch: bytes | None = None
         self._book_n = 0  # log entries applied
+        self._book_lock = threading.RLock()  # reads and the listener's pushes (scoring)
+        self._book_pushed = False  # every push since the last gap continued this copy
         # the symbols changed in the copy, in order, since it was (re)loaded (generation)
         self._book_changes: list[str] = []
         self._book_gen = 0
@@ -240,14 +262,15 @@ class SimulatedBroker:
         pipe.hmget(k.replay_state(), "day", "bar", "status")
         pipe.get(k.broker("cash"))
         pipe.smembers(k.broker("open_orders"))
-        self._queue_book(pipe)
+        start = self._queue_book(pipe)
 
         def read(replies: list[Any]) -> _Account:
             state, cash, open_ids, *book = replies
             meta, bar = self._now_from(state)
             return _Account(meta, bar,
                             int(cash) if cash is not None else self._starting_cash,
-                            sorted(x.decode() for x in open_ids), self._apply_book(*book))
+                            sorted(x.decode() for x in open_ids),
+                            self._apply_book(*book, start))
 
         return read
 
@@ -399,10 +422,10 @@ class SimulatedBroker:
     def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
         """Positions and open orders; only the positions that changed are read."""
         pipe = self._r.pipeline(transaction=True)
-        self._queue_book(pipe)
+        start = self._queue_book(pipe)
         pipe.smembers(self._k.broker("open_orders"))
         *book, open_ids = pipe.execute()
-        positions = self._apply_book(*book)
+        positions = self._apply_book(*book, start)
         ids = sorted(x.decode() for x in open_ids)
         orders = []
         if ids:
@@ -416,13 +439,13 @@ class SimulatedBroker:
         transaction the caller runs with its own reads). Returns how many replies they take
         and the function that turns those replies into (positions, open orders, realized
         cents); it makes one more round trip only when orders are working."""
-        self._queue_book(pipe)
+        start = self._queue_book(pipe)
         pipe.smembers(self._k.broker("open_orders"))
         pipe.get(self._k.broker(f"realized:{day.isoformat()}"))
 
         def finish(replies: list[Any]) -> tuple[dict[str, Position], list[Order], int]:
             epoch, entries, open_ids, realized = replies
-            positions = self._apply_book(epoch, entries)
+            positions = self._apply_book(epoch, entries, start)
             ids = sorted(x.decode() for x in open_ids)
             orders = []
             if ids:
@@ -436,28 +459,43 @@ class SimulatedBroker:
         """Open positions by symbol: one round trip, and only the positions that changed
         since this process last looked are read and parsed."""
         pipe = self._r.pipeline(transaction=True)
-        self._queue_book(pipe)
-        return self._apply_book(*pipe.execute())
+        start = self._queue_book(pipe)
+        return self._apply_book(*pipe.execute(), start)
 
     def queue_positions(self, pipe: Any) -> tuple[int, Callable[[list[Any]], dict[str,
                                                                           Position]]]:
         """Queue ``positions_cached``'s reads on ``pipe`` (a transaction the caller runs);
         returns how many replies they take and the function that turns them into the
         positions."""
-        self._queue_book(pipe)
-        return 2, lambda replies: self._apply_book(*replies)
+        start = self._queue_book(pipe)
+        return 2, lambda replies: self._apply_book(*replies, start)
 
     # The positions log: every change of the positions hash appends "SYMBOL\n<json>" (or
     # "SYMBOL\n" when it closed) in the same transaction, so a reader that has applied the
     # first n entries catches up with LRANGE n -1. The end of a session empties the log and
     # bumps the epoch; a reader of another epoch (or a new one) reloads the hash.
-    def _queue_book(self, pipe) -> None:
+    # A process with a listener (the scoring worker) is also pushed what each fills
+    # transaction appends (``_PUSH_LOG_LUA``), so it knows the positions at the fills mark
+    # without asking. Reads and pushes both move the same cursor, under ``_book_lock``.
+    def _queue_book(self, pipe) -> int:
+        """Queue the reads of the log entries this copy lacks; returns where they start (pass
+        it to ``_apply_book``: a push may have moved the cursor meanwhile)."""
+        start = self._book_n
         pipe.get(self._k.broker("positions_epoch"))
-        pipe.lrange(self._k.broker("positions_log"), self._book_n, -1)
+        pipe.lrange(self._k.broker("positions_log"), start, -1)
+        return start
 
-    def _apply_book(self, epoch: bytes | None, entries: list[bytes]) -> dict[str, Position]:
-        if self._book_epoch is None or (epoch or b"0") != self._book_epoch:
-            return self._reload_book()
+    def _apply_book(self, epoch: bytes | None, entries: list[bytes],
+                    start: int) -> dict[str, Position]:
+        with self._book_lock:
+            if self._book_epoch is None or (epoch or b"0") != self._book_epoch:
+                return self._reload_book()
+            # entries a push already applied are skipped; a read older than the pushes
+            # (start + len <= cursor) brings nothing new
+            self._apply_entries(entries[max(0, self._book_n - start):])
+            return dict(self._book)
+
+    def _apply_entries(self, entries: list[bytes]) -> None:
         book = self._book
         changed = self._book_changes
         for entry in entries:
@@ -472,7 +510,44 @@ class SimulatedBroker:
         if len(changed) > _MAX_BOOK_CHANGES:  # readers of the changes start over once
             self._book_gen += 1
             changed.clear()
-        return dict(book)
+
+    def apply_pushed(self, data: bytes) -> bool:
+        """Take one push of the positions log (``<epoch>\\0<index of its first entry>
+        [\\0entry]...``): applied when it continues this copy exactly (True). A push that
+        leaves a gap (another writer appended without one, or this copy was never read)
+        makes ``pushed_positions`` answer None until a read catches up and a push
+        continues it again."""
+        epoch, _, rest = data.partition(b"\0")
+        first_s, _, body = rest.partition(b"\0")
+        entries = body.split(b"\0") if body else []
+        try:
+            first = int(first_s)
+        except ValueError:
+            log.warning("positions push not understood", extra={"head": data[:32]})
+            with self._book_lock:
+                self._book_pushed = False  # something may be missing: read instead
+            return False
+        with self._book_lock:
+            n = self._book_n
+            self._book_pushed = False  # until this push is in
+            if self._book_epoch is None or epoch != self._book_epoch or first > n:
+                return False  # a gap: only a read can tell what is missing
+            self._apply_entries(entries[n - first:])  # a read may have brought some
+            self._book_pushed = True
+            return True
+
+    def _queue_log_push(self, pipe: Any, entries: list[str]) -> None:
+        """Queue ``entries`` for the positions log with their push (``_PUSH_LOG_LUA``)."""
+        k = self._k
+        queue_script(pipe, self._push_log,
+                     [k.broker("positions_log"), k.broker("positions_epoch")],
+                     [_TTL_S, k.positions_channel(), *entries])
+
+    def pushed_positions(self) -> dict[str, Position] | None:
+        """The positions as of the last push, when every push so far continued this copy
+        (see ``apply_pushed``); None: read them (``positions_cached``)."""
+        with self._book_lock:
+            return dict(self._book) if self._book_pushed else None
 
     def book_changes(self, cursor: tuple[int, int] | None) -> tuple[tuple[int, int],
                                                                      list[str] | None]:
@@ -485,6 +560,8 @@ class SimulatedBroker:
         return now, self._book_changes[cursor[1]:]
 
     def _reload_book(self) -> dict[str, Position]:
+        """Read the whole positions hash (a new epoch, or the first read); under
+        ``_book_lock``."""
         pipe = self._r.pipeline(transaction=True)
         pipe.get(self._k.broker("positions_epoch"))
         pipe.llen(self._k.broker("positions_log"))
@@ -566,13 +643,14 @@ class SimulatedBroker:
                      [k.broker("open_orders"), k.broker("orders"), k.broker("lock"),
                       k.broker("positions")],
                      [lock.token, _LOCK_TTL_MS, 1 if self._stops else 0])
-        self._queue_book(pipe)
+        start = self._queue_book(pipe)
         got, *book = pipe.execute()
         if int(got[0]) == 0:
             if also is not None:  # nothing working: the caller's commands alone
                 pipe = self._r.pipeline(transaction=True)
+                self._queue_log_push(pipe, [])  # where the log stands at the mark
                 finish = also(events, pipe)
-                finish(pipe.execute())
+                finish(pipe.execute()[1:])
             return events  # the common case: nothing working, no lock
         if lock.taken(int(got[0]) == 1):
             pairs = sorted(zip((x.decode() for x in got[1]), got[2], strict=True))
@@ -582,18 +660,20 @@ class SimulatedBroker:
             self._acquire(lock)
             pipe = self._r.pipeline(transaction=True)
             pipe.smembers(k.broker("open_orders"))
-            self._queue_book(pipe)
+            start = self._queue_book(pipe)
             open_ids, *book = pipe.execute()
             ids = sorted(x.decode() for x in open_ids)
             raws = self._r.hmget(k.broker("orders"), ids) if ids else []
         try:
-            positions = self._apply_book(*book)
+            positions = self._apply_book(*book, start)
             working = [o for o in (Order.from_json(r) for r in raws if r)
                        if o.status in _WORKING]
             writes = _Coalesced()
             events = self._fill_due(meta, bar, row, working, positions, writes)
             pipe = self._r.pipeline(transaction=True)
+            log_entries = writes.take_list(k.broker("positions_log"))
             writes.queue_on(pipe)
+            self._queue_log_push(pipe, log_entries)  # and where the log stands at the mark
             n = len(pipe)
             finish = also(events, pipe) if also is not None else None
             m = len(pipe)
@@ -897,6 +977,10 @@ class _Coalesced:
 
     def rpush(self, key: str, value: str) -> None:
         self._lists.setdefault(key, []).append(value)
+
+    def take_list(self, key: str) -> list[str]:
+        """The values pushed to ``key``, which ``queue_on`` then leaves to the caller."""
+        return self._lists.pop(key, [])
 
     def srem(self, key: str, member: str) -> None:
         self._srem.setdefault(key, []).append(member)

@@ -242,19 +242,25 @@ class BarListener:
     (the scoring worker starts one after the fork), then calls ``on_bar(day, bar)`` with
     each row it kept (scoring's work on the bars alone starts there, before the score task
     arrives; ``on_bar`` must not raise); with ``fills``, it also passes on the fills-done
-    marks as they are set (``FillsMark``). Best effort: a row it misses, or one that comes
-    late, is read from the store by ``BarWindow.get``; a broken connection is opened again
-    after a second."""
+    marks as they are set (``FillsMark``), and with ``on_positions`` the simulated broker's
+    positions pushes (``SimulatedBroker.apply_pushed``). Best effort: a row it misses, or
+    one that comes late, is read from the store by ``BarWindow.get``; a broken connection
+    is opened again after a second."""
 
     def __init__(self, redis: Redis, keys: Keys, window: BarWindow,
                  on_bar: Callable[[dt.date, int], None] | None = None,
-                 fills: FillsMark | None = None) -> None:
+                 fills: FillsMark | None = None,
+                 on_positions: Callable[[bytes], object] | None = None) -> None:
         self._r = redis
-        self._channel = keys.bars_channel()
-        self._fills_channel = keys.fills_channel()
         self._window = window
         self._on_bar = on_bar
         self._fills = fills
+        # channel -> handler; the positions pushes come before the fills mark they
+        # precede (one connection delivers in publish order)
+        self._handlers: dict[str, Callable[[bytes], object]] = {
+            keys.bars_channel(): self._take, keys.fills_channel(): self._take_mark}
+        if on_positions is not None:
+            self._handlers[keys.positions_channel()] = on_positions
         self._stop = threading.Event()
         self.subscribed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bar-listener", daemon=True)
@@ -272,19 +278,23 @@ class BarListener:
             pubsub = None
             try:
                 pubsub = self._r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self._channel, self._fills_channel)
+                pubsub.subscribe(*self._handlers)
                 self.subscribed.set()
                 if self._fills is not None:
                     self._fills.live = True
-                fills_channel = self._fills_channel.encode()
+                handlers = {ch.encode(): fn for ch, fn in self._handlers.items()}
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=0.5)
                     if msg is None or msg.get("type") != "message":
                         continue
-                    if msg["channel"] == fills_channel:
-                        self._take_mark(msg["data"])
-                    else:
-                        self._take(msg["data"])
+                    handler = handlers.get(msg["channel"])
+                    if handler is None:
+                        continue
+                    try:
+                        handler(msg["data"])
+                    except Exception:  # one bad message; the store still has it all
+                        log.exception("published message not taken",
+                                      extra={"channel": msg["channel"]})
             except Exception:  # the store stays the source: scoring reads what it misses
                 log.warning("bar listener lost its connection; subscribing again",
                             exc_info=True)

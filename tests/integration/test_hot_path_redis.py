@@ -427,3 +427,74 @@ def test_published_bars_reach_the_scoring_window_without_a_read(redis_client) ->
         assert np.array_equal(feed_window.get(DAY, 1)[1], day.ohlcv[:2])
     finally:
         feed_listener.stop()
+
+
+def test_a_listening_copy_of_the_positions_follows_the_pushes(two, redis_client) -> None:
+    """The fills push what they append to the positions log; a process that takes the
+    pushes knows the positions without reading them. A push that does not continue its copy
+    (never read, a write without a push, a new epoch) makes it read again; reads and pushes
+    that overlap count nothing twice."""
+    keys, replay, writer, reader = two
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.positions_channel())
+
+    def deliver() -> list[bool]:
+        out = []
+        while (msg := pubsub.get_message(timeout=0.2)) is not None:
+            out.append(reader.apply_pushed(msg["data"]))
+        return out
+
+    def mark(events: Any, pipe: Any) -> Any:  # the tick's bookkeeping, as process_bar's also
+        pipe.get(keys.broker("cash"))
+        return lambda replies: None
+
+    def fill(*requests: OrderRequest) -> None:
+        for request in requests:
+            assert writer.submit_order(request).status == "accepted", request
+        adv = advance(replay, keys)
+        writer.process_bar(replay.days()[0], adv.bar, adv.row, also=mark)
+
+    try:
+        pubsub.get_message(timeout=1)  # the subscription's confirmation
+        fill(OrderRequest("a1", "AAA", "buy", 10))
+        assert deliver() == [False]  # this copy was never read: a gap
+        assert reader.pushed_positions() is None
+        assert set(reader.positions_cached()) == {"AAA"}
+        fill()  # nothing working: the sync point alone continues the copy
+        assert deliver() == [True]
+        assert reader.pushed_positions() == writer.get_positions()
+        steps = [[OrderRequest("b1", "BBB", "sell", 5)],
+                 [OrderRequest("a2", "AAA", "buy", 5)],
+                 [OrderRequest("b1-x1", "BBB", "buy", 5, intent="exit", close=True),
+                  OrderRequest("c1", "CCC", "buy", 3)]]
+        for i, requests in enumerate(steps):
+            fill(*requests)
+            if i == 1:  # a read before the push arrives: the push skips what it brought
+                assert reader.positions_cached() == writer.get_positions()
+            assert deliver() == [True]
+            assert reader.pushed_positions() == writer.get_positions()
+            assert reader.positions_cached() == writer.get_positions()  # nothing twice
+        assert set(writer.get_positions()) == {"AAA", "CCC"}
+        # an exit that ends unfilled changes the position without a push: the next push
+        # leaves a gap, a read closes it, the push after that continues the copy again
+        writer.submit_order(OrderRequest("c1-x1", "CCC", "sell", 3, intent="exit",
+                                         close=True))
+        writer.cancel_order("c1-x1")
+        fill()
+        assert deliver() == [False] and reader.pushed_positions() is None
+        assert reader.positions_cached()["CCC"].exit_attempt == 1
+        fill(OrderRequest("a1-x1", "AAA", "sell", 15, intent="exit", close=True))
+        assert deliver() == [True]
+        assert reader.pushed_positions() == writer.get_positions()
+        assert set(writer.get_positions()) == {"CCC"}
+        # a new epoch (the end of a session): pushes stop counting until a read reloads
+        writer.compact_positions_log()
+        fill(OrderRequest("c1-x2", "CCC", "sell", 3, intent="exit", close=True))
+        assert deliver() == [False] and reader.pushed_positions() is None
+        assert reader.positions_cached() == writer.get_positions() == {}
+        fill()
+        assert deliver() == [True] and reader.pushed_positions() == {}
+        assert not reader.apply_pushed(b"garbage")  # not understood: read instead
+        assert reader.pushed_positions() is None
+    finally:
+        pubsub.close()

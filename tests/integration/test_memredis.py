@@ -249,3 +249,23 @@ def test_every_script_of_the_backtest_path_has_a_twin() -> None:
     with pytest.raises(ValueError, match="FAULTS"):
         build_memory_runtime(Settings(mode="sim", sim_faults="submit_timeout:1"))
     assert isinstance(RedisDailyLimitStore(rt.redis, rt.keys), RedisDailyLimitStore)
+
+
+def test_positions_log_push_twin(redis_client: Any) -> None:
+    """Appending to the positions log with its push answers alike (the log's length), with
+    entries, with none (the sync point: nothing appended) and past the 1000-entry chunks;
+    the data left is the same (the push itself reaches nobody in memory)."""
+    from core.scripts import queue_script
+
+    real, fake, mem = _script_pair(redis_client, simulated._PUSH_LOG_LUA)
+    keys = ["log", "epoch"]
+    many = [f"S{i}\n{{}}" for i in range(2500)]
+    for entries in (["AAA\n{\"qty\":1}"], [], many, ["BBB\n"]):
+        got = []
+        for r, script in ((redis_client, real), (mem, fake)):
+            pipe = r.pipeline(transaction=True)
+            queue_script(pipe, script, keys, [3600, "chan", *entries])
+            pipe.llen("log")
+            got.append(pipe.execute())
+        assert got[0] == got[1], len(entries)
+    assert _dump(mem) == _dump(redis_client)

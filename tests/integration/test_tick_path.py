@@ -205,6 +205,56 @@ def test_a_pushed_bar_is_scored_ahead_and_the_task_finds_it_done(rt) -> None:
     assert scorer.facts.computed == before + 1
 
 
+def test_a_listening_scorer_asks_redis_nothing_and_scores_the_same(rt) -> None:
+    """With the bars, the fills marks and the broker's positions pushed to the scoring
+    process, a score task makes no round trip of its own, and scores what a process that
+    reads everything scores, while positions open and close."""
+    from core.market.bar_store import BarListener
+
+    scorer = build_runtime(rt.settings)
+    plain = build_runtime(rt.settings)
+    listener = BarListener(scorer.redis, scorer.keys, scorer.window,
+                           on_bar=lambda day, bar: engine.prepare_bar(scorer, day, bar),
+                           fills=scorer.fills_mark,
+                           on_positions=scorer.broker.apply_pushed).start()
+    main = threading.get_ident()
+    counter = Counter(scorer.redis, only_thread=main)
+    try:
+        assert listener.subscribed.wait(5)
+        meta, bar = rt.replay.now()
+        symbols = meta.symbols
+        scorer.window.get(meta.date, bar)
+        scorer.broker.positions_cached()  # the copy the pushes continue
+        rounds, held = [], []
+        for i in range(8):
+            if i % 2 == 0:  # an entry, then its exit two bars later
+                sym = symbols[(i // 2) % len(symbols)]
+                req = (OrderRequest(f"e{i}", sym, "buy", 2) if i % 4 == 0 else
+                       OrderRequest(f"x{i}", symbols[((i - 2) // 2) % len(symbols)],
+                                    "sell", 2, intent="exit", close=True))
+                assert rt.broker.submit_order(req).status == "accepted", req
+            rt.replay.settle(meta.date, bar)
+            d = Recording(True)
+            assert engine.tick(rt, d)["status"] == "advanced"
+            payload = d.scored[0]
+            bar = payload["bar"]
+            deadline = time.monotonic() + 5
+            while not scorer.fills_mark.seen(meta.date, bar) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            n0 = counter.n
+            got = engine.compute_scores(scorer, payload)
+            rounds.append(counter.n - n0)
+            want = engine.compute_scores(plain, payload)
+            assert got["signals"] == want["signals"] and got["exits"] == want["exits"]
+            assert np.array_equal(got["marks"], want["marks"], equal_nan=True)
+            assert scorer.broker.pushed_positions() == rt.broker.get_positions()
+            held.append(len(rt.broker.get_positions()))
+        assert rounds[1:] == [0] * (len(rounds) - 1), rounds
+        assert held == [1, 1, 0, 0, 1, 1, 0, 0], held  # opened and closed along the way
+    finally:
+        listener.stop()
+
+
 def test_scoring_gives_up_when_the_fills_never_come(rt) -> None:
     meta, bar = rt.replay.now()
     rt.redis.delete(rt.keys.fills_done(meta.date))
@@ -218,14 +268,18 @@ def test_scoring_gives_up_when_the_fills_never_come(rt) -> None:
 
 class Counter:
     """Counts round trips of a redis-py client: each command sent alone, and each
-    pipeline or transaction once."""
+    pipeline or transaction once (with ``only_thread``, those of that thread alone)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, only_thread: int | None = None) -> None:
         self.n = 0
         orig_exec, orig_pipe = client.execute_command, client.pipeline
 
+        def count(k: int = 1) -> None:
+            if only_thread is None or threading.get_ident() == only_thread:
+                self.n += k
+
         def execute_command(*a: Any, **kw: Any) -> Any:
-            self.n += 1
+            count()
             return orig_exec(*a, **kw)
 
         def pipeline(*a: Any, **kw: Any) -> Any:
@@ -233,14 +287,14 @@ class Counter:
             inner = pipe.execute
 
             def execute(*ea: Any, **ekw: Any) -> Any:
-                self.n += 1 if len(pipe) else 0
+                count(1 if len(pipe) else 0)
                 return inner(*ea, **ekw)
 
             pipe.execute = execute
             immediate = pipe.immediate_execute_command
 
             def immediate_execute_command(*ia: Any, **ikw: Any) -> Any:
-                self.n += 1  # sent at once, e.g. the SCRIPT EXISTS before a script runs
+                count()  # sent at once, e.g. the SCRIPT EXISTS before a script runs
                 return immediate(*ia, **ikw)
 
             pipe.immediate_execute_command = immediate_execute_command
