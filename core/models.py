@@ -8,6 +8,7 @@ all five fields. Prices are US dollars, volume is shares.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,3 +50,9 @@ class DayBars:
     def bar_time(self, index: int) -> dt.datetime:
         """Start time of bar ``index`` (America/New_York)."""
         return self.open_time + dt.timedelta(seconds=index * self.bar_seconds)
+
+
+@functools.lru_cache(maxsize=16)
+def symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
+    """Symbol -> its column in a session's bars (memoised per universe; do not mutate)."""
+    return {s: i for i, s in enumerate(symbols)}

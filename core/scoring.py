@@ -9,7 +9,6 @@ dollars, times America/New_York.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ import numpy as np
 from core.brokers.base import Position
 from core.exits import REASONS, ExitParams, ExtremeTracker, exit_codes
 from core.held import HeldColumns, entry_offset
-from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME
+from core.models import CLOSE, HIGH, LOW, OPEN, VOLUME, symbol_index
 from core.signals import RuleMasks, Signal
 from core.signals.orb import OrbParams, orb_masks
 from core.signals.random_entry import RandomParams, random_signals
@@ -133,12 +132,6 @@ def entry_bar_of(position: Position, open_time: dt.datetime, bar_seconds: int,
     """Bar index whose open filled ``position`` (None when it opened in another session)."""
     entry = entry_offset(position.opened_at, open_time, bar_seconds)
     return None if entry is None else min(entry, bar)
-
-
-@functools.lru_cache(maxsize=16)
-def symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
-    """Symbol -> its column in a session's bars (memoised per universe)."""
-    return {s: i for i, s in enumerate(symbols)}
 
 
 @dataclass(frozen=True)

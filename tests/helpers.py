@@ -131,3 +131,15 @@ def random_walk_window(seed: int, n_bars: int = 120, n_sym: int = 6,
         w[rng.integers(0, n_bars, 8), rng.integers(0, n_sym, 8)] = np.nan
         w[5, 1, VOLUME] = np.nan
     return w
+
+
+def busy_scoring_params() -> Any:
+    """``ScoringParams`` whose rules fire often on ``random_walk_window`` bars (a 5-bar
+    opening range, loose VWAP bands), for tests that need many signals."""
+    from core.scoring import ScoringParams
+    from core.signals.orb import OrbParams
+    from core.signals.vwap import VwapParams
+
+    return ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
+                         vwap=VwapParams(band_k=1.0, max_trend_pct=0.05, min_bars=10,
+                                         std_bars=10))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import json
 import logging
 import math
@@ -52,7 +51,7 @@ from core.errors import BrokerUnavailable
 from core.keys import Keys
 from core.locks import TokenLock
 from core.market.bar_store import SessionMeta
-from core.models import HIGH, LOW, OPEN, VOLUME
+from core.models import HIGH, LOW, OPEN, VOLUME, symbol_index
 from core.money import cents
 from core.replay import RedisReplay
 from core.scripts import queue_script
@@ -350,7 +349,7 @@ class SimulatedBroker:
             return f"{request.symbol} is not shortable (hard to borrow)"
         price = Decimal(request.limit_price) if _positive(request.limit_price) else None
         pipe = self._r.pipeline(transaction=False)
-        index = _symbol_index(meta.symbols)
+        index = symbol_index(meta.symbols)
         quote = request.symbol in index and bar >= 0
         if quote:
             off = bar * meta.row_bytes + index[request.symbol] * 40
@@ -696,7 +695,7 @@ class SimulatedBroker:
         orders = [o for o in working if o.session_date == session and o.fill_after_bar <= bar]
         if not orders and not self._stops:
             return events
-        index = _symbol_index(meta.symbols)
+        index = symbol_index(meta.symbols)
         when = meta.bar_time(bar).isoformat()
         cash_delta = 0
         if self._stops:
@@ -1009,11 +1008,6 @@ class _Coalesced:
                 pipe.incrby(key, amount)
         for key, seconds in self._expire.items():
             pipe.expire(key, seconds)
-
-
-@functools.lru_cache(maxsize=16)
-def _symbol_index(symbols: tuple[str, ...]) -> dict[str, int]:
-    return {s: i for i, s in enumerate(symbols)}
 
 
 def _positive(value: str | None) -> bool:

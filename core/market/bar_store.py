@@ -310,21 +310,26 @@ class BarListener:
     def _take_mark(self, data: bytes) -> None:
         if self._fills is None:
             return
-        date_s, _, bar_s = data.partition(b":")
-        try:
-            day, bar = dt.date.fromisoformat(date_s.decode()), int(bar_s)
-        except ValueError:
-            log.warning("published fills mark not understood", extra={"head": data[:32]})
-            return
-        self._fills.push(day, bar)
+        got = _day_bar(data, "fills mark")
+        if got is not None:
+            self._fills.push(*got[:2])
 
     def _take(self, data: bytes) -> None:
-        date_s, _, rest = data.partition(b":")
-        bar_s, _, raw = rest.partition(b":")
-        try:
-            day, bar = dt.date.fromisoformat(date_s.decode()), int(bar_s)
-        except ValueError:
-            log.warning("published bar not understood", extra={"head": data[:32]})
+        got = _day_bar(data, "bar")
+        if got is None:
             return
+        day, bar, raw = got
         if self._window.deliver(day, bar, raw) and self._on_bar is not None:
             self._on_bar(day, bar)
+
+
+def _day_bar(data: bytes, what: str) -> tuple[dt.date, int, bytes] | None:
+    """``<date>:<bar>[:<rest>]`` as published: (day, bar, rest); None (logged) when it is
+    not understood."""
+    date_s, _, rest = data.partition(b":")
+    bar_s, _, raw = rest.partition(b":")
+    try:
+        return dt.date.fromisoformat(date_s.decode()), int(bar_s), raw
+    except ValueError:
+        log.warning("published %s not understood", what, extra={"head": data[:32]})
+        return None

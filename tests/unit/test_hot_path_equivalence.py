@@ -17,10 +17,9 @@ from core.brokers.base import Position
 from core.brokers.simulated import _Coalesced
 from core.calendar import NY
 from core.exits import exit_reason
-from core.scoring import ScoringParams, score_bar
+from core.scoring import score_bar
 from core.signals import confidence, signals_from_masks
-from core.signals.orb import OrbParams
-from core.signals.vwap import VwapParams
+from tests.helpers import busy_scoring_params
 from tests.helpers import random_walk_window as _walk
 
 BAR_TIME = dt.datetime(2025, 3, 12, 10, 15, tzinfo=NY)
@@ -76,9 +75,7 @@ def test_stop_loss_float_precheck_matches_the_exact_check(avg: Decimal, sl: floa
 def test_score_bar_leaves_out_held_symbols_only_when_asked() -> None:
     w = _walk(21, n_bars=200, n_sym=12)
     symbols = tuple(f"S{i}" for i in range(12))
-    params = ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
-                           vwap=VwapParams(band_k=1.0, max_trend_pct=0.05, min_bars=10,
-                                           std_bars=10))
+    params = busy_scoring_params()
     seen = 0
     for t in range(30, 200, 7):
         view = w[: t + 1]
@@ -237,9 +234,7 @@ def test_held_columns_kept_from_changes_equal_a_fresh_read(seed: int) -> None:
 def test_score_bar_leaves_out_entries_taken_today_by_side() -> None:
     w = _walk(33, n_bars=200, n_sym=12)
     symbols = tuple(f"S{i}" for i in range(12))
-    params = ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
-                           vwap=VwapParams(band_k=1.0, max_trend_pct=0.05, min_bars=10,
-                                           std_bars=10))
+    params = busy_scoring_params()
     seen = 0
     for t in range(30, 200, 5):
         view = w[: t + 1]

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from core.calendar import NY
 from core.models import CLOSE, HIGH, LOW, VOLUME
-from core.scoring import ScoringParams, bar_facts, score_bar
+from core.scoring import bar_facts, score_bar
 from core.signals.orb import OrbParams, orb_signals
 from core.signals.sums import SessionSums
 from core.signals.vwap import VwapParams, session_vwap, vwap_signals
+from tests.helpers import busy_scoring_params
 from tests.helpers import random_walk_window as _walk
 
 BAR_TIME = dt.datetime(2025, 3, 12, 10, 15, tzinfo=NY)
@@ -104,9 +105,7 @@ def test_the_opening_range_is_kept_once_complete() -> None:
 def test_score_bar_with_facts_and_state_equals_plain_score_bar() -> None:
     w = _walk(9, n_bars=150, n_sym=10)
     symbols = tuple(f"S{i}" for i in range(10))
-    params = ScoringParams(orb=OrbParams(range_bars=5, volume_ratio=0.5),
-                           vwap=VwapParams(band_k=1.0, max_trend_pct=0.05, min_bars=10,
-                                           std_bars=10))
+    params = busy_scoring_params()
     running = SessionSums()
     for t in (20, 21, 40, 90, 149):
         view = w[: t + 1]
