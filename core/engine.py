@@ -575,7 +575,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
                              meta.bar_seconds, day.isoformat())
     cols = held.held()
     outside = list(held.outside.values())  # held symbols not in today's universe
-    syms = [meta.symbols[c] for c in cols.tolist()] + [p.symbol for p in outside]
+    syms = list(map(meta.symbols.__getitem__, cols.tolist())) + [p.symbol for p in outside]
     qty = np.concatenate([held.qty[cols], [float(p.qty) for p in outside]])
     avg = np.concatenate([held.avg[cols], [p.avg_float for p in outside]])
     stale_pos = np.concatenate([~held.today[cols], [p.session_date != day.isoformat()
@@ -588,8 +588,8 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         syms, qty, avg, stale_pos, held_marks, params.limits.stop_loss_pct,
         in_eod_window(decision_time, meta.close_time, params.eod_close_minutes_before),
         rule_exits)
-    marks = {sym: float(m) for sym, m in zip(syms, held_marks.tolist(), strict=True)
-             if sym in candidates and m == m}
+    by_symbol = dict(zip(syms, held_marks.tolist(), strict=True))
+    marks = {sym: m for sym in candidates if (m := by_symbol.get(sym)) is not None and m == m}
     if wanted_entries is None:
         entered = {x.decode() for x in got["entered"]}
     elif wanted_entries:

@@ -46,9 +46,12 @@ class Runtime:
 
     @property
     def decision_params(self) -> DecisionParams:
-        """The decision step's slice of the settings."""
+        """The decision step's slice of the settings (built once per settings object)."""
         s = self.settings
-        return DecisionParams(
+        cached = self._decision
+        if cached is not None and cached[0] is s:
+            return cached[1]
+        params = DecisionParams(
             limits=RiskLimits(
                 daily_limit_cents=s.daily_limit_cents, risk_pct_per_trade=s.risk_pct_per_trade,
                 stop_loss_pct=s.stop_loss_pct, max_open_positions=s.max_open_positions,
@@ -57,6 +60,8 @@ class Runtime:
             no_entry_minutes_before_close=s.no_entry_minutes_before_close,
             max_position_value_cents=s.max_position_value_cents,
         )
+        self._decision = (s, params)
+        return params
 
     skip_log_seen: set[tuple[str, str, str]] = field(default_factory=set)
     # incremental peak/trough state of held positions (the scoring process)
@@ -73,6 +78,7 @@ class Runtime:
     models: ModelHolder | None = None
     alerts: Alerter | None = None
     _scoring: dict[int, ScoringParams] = field(default_factory=dict)
+    _decision: tuple[object, DecisionParams] | None = None
     # the backtester's entry features of a whole session at one bar ([S, F]; None: compute)
     entry_features: Callable[[dt.date, int], np.ndarray | None] | None = None
     # wall clock, America/New_York (tests replace it)

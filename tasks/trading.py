@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from celery import chain
 from celery.utils.log import get_task_logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,8 +40,11 @@ class CeleryDispatcher:
         # what Flower and the logs show, given here: Celery's generic repr of an argument
         # costs ~1 ms per KB, and decide's argument (the scored bar) is a few KB
         bar = f"(date={payload.get('date')!r}, bar={payload.get('bar')!r})"
-        chain(score.s(payload).set(argsrepr=bar),
-              decide.s().set(argsrepr=f"(scored {bar})")).apply_async()
+        # decide rides in the message as score's callback (applied with score's result,
+        # as a chain's next step is; eager mode too), built without a chain's machinery:
+        # ~0.2 ms less on the tick path than chain(score.s(payload), decide.s())
+        score.apply_async((payload,), argsrepr=bar,
+                          link=decide.s().set(argsrepr=f"(scored {bar})"))
 
     def submit_order(self, intent: dict[str, Any]) -> None:
         submit_order.apply_async(args=(intent,), argsrepr=_order_repr(intent),
