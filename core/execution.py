@@ -285,10 +285,6 @@ def queue_fill_events(rt: Runtime, events: list[FillEvent], pipe: Any,
     what does not add up (a fill without a reservation, one above it)."""
     by_day: dict[str, list[FillEvent]] = {}
     for ev in events:
-        if rt.alerts is not None and ev.filled_qty > 0 and ev.status in ("filled",
-                                                                          "partially_filled"):
-            rt.alerts.send("fill", f"{ev.intent} {ev.symbol} {ev.status}: {ev.filled_qty} sh, "
-                                   f"${ev.notional_cents / 100:,.2f} ({ev.client_order_id})")
         if ev.intent != "entry" or ev.status == "partially_filled":
             continue
         by_day.setdefault(ev.session_date, []).append(ev)
@@ -300,6 +296,14 @@ def queue_fill_events(rt: Runtime, events: list[FillEvent], pipe: Any,
         then(pipe)
 
     def finish(replies: list[Any]) -> None:
+        # the fill alerts once the round trip is done: never for a fill that did not land,
+        # and off the way to the fills-done mark (an alert's rate check is a round trip)
+        if rt.alerts is not None:
+            for ev in events:
+                if ev.filled_qty > 0 and ev.status in ("filled", "partially_filled"):
+                    rt.alerts.send("fill", f"{ev.intent} {ev.symbol} {ev.status}: "
+                                           f"{ev.filled_qty} sh, ${ev.notional_cents / 100:,.2f}"
+                                           f" ({ev.client_order_id})")
         for (evs, read), reply in zip(readers, replies, strict=False):
             for ev, held in zip(evs, read(reply), strict=True):
                 if held is None:
