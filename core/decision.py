@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -72,7 +72,13 @@ def decide(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
 
 def decide_exits(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:
     """The exits of this bar, by symbol (they depend on nothing the entries decide)."""
-    intents: list[OrderIntent] = []
+    return list(iter_exits(inp, params))
+
+
+def iter_exits(inp: DecisionInput, params: DecisionParams) -> Iterator[OrderIntent]:
+    """``decide_exits`` one at a time (the first can be sent before the others are built).
+    Uses the positions, their marks, the working orders, the candidates and the rule exits
+    of ``inp`` only: not the signals, the entries taken, the capital used or the halt."""
     eod = in_eod_window(inp.decision_time, inp.close_time, params.eod_close_minutes_before)
     date_s = inp.session_date.isoformat()
     held = (inp.positions if inp.exit_candidates is None
@@ -93,14 +99,13 @@ def decide_exits(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent
             log.error("exit attempts exhausted; needs a person", extra={"symbol": symbol})
             continue
         mark = inp.marks.get(symbol)
-        intents.append(OrderIntent(
+        yield OrderIntent(
             client_order_id=exit_client_order_id(pos.entry_client_order_id, attempt),
             symbol=symbol, side="sell" if pos.qty > 0 else "buy", qty=abs(pos.qty),
             intent="exit", reason=reason, strategy=pos.strategy, confidence=pos.confidence,
             ref_price=repr(mark) if mark and math.isfinite(mark) else pos.avg_price,
             session_date=inp.session_date, bar=inp.bar,
-        ))
-    return intents
+        )
 
 
 def decide_entries(inp: DecisionInput, params: DecisionParams) -> list[OrderIntent]:

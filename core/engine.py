@@ -25,9 +25,9 @@ from core.calendar import exchange_date
 from core.decision import (
     DecisionInput,
     decide_entries,
-    decide_exits,
     exit_candidates,
     in_eod_window,
+    iter_exits,
 )
 from core.errors import FillsPending
 from core.execution import apply_fill_events, queue_fill_events, reconcile, release_orphans
@@ -565,7 +565,7 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         positions, open_orders, realized = account
     else:
         (positions, open_orders), realized = rt.broker.snapshot(), None
-    signals = scored_signals(scored, meta)
+    signals = scored_signals(scored, meta)  # parsed first: a malformed result sends nothing
     rule_exits = {sym: (str(v[0]), str(v[1])) for sym, v in scored.get("exits", {}).items()}
     decision_time = meta.bar_time(bar) + dt.timedelta(seconds=meta.bar_seconds)
     params = rt.decision_params
@@ -590,6 +590,25 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         rule_exits)
     by_symbol = dict(zip(syms, held_marks.tolist(), strict=True))
     marks = {sym: m for sym in candidates if (m := by_symbol.get(sym)) is not None and m == m}
+    # The first order goes out as soon as it is known: the first exit, built from the
+    # positions, their marks and the working orders alone, before anything only the
+    # entries need (signals, entries taken, capital used, halts) and before the entries
+    # are sized. The bar's ledger takes all the orders afterwards (an order already done
+    # then counts as done).
+    inp = DecisionInput(
+        session_date=day, bar=bar, decision_time=decision_time,
+        close_time=meta.close_time, signals=[], marks=marks,
+        positions=positions, open_order_symbols=frozenset(o.symbol for o in open_orders),
+        entered_today=frozenset(), used_cents=0, rule_exits=rule_exits,
+        exit_candidates=candidates,
+    )
+    pending = iter_exits(inp, params)
+    first = next(pending, None)
+    sent = 0
+    if first is not None:
+        _dispatch(dispatcher, first)
+        sent = 1
+    exits = [first, *pending] if first is not None else []
     if wanted_entries is None:
         entered = {x.decode() for x in got["entered"]}
     elif wanted_entries:
@@ -601,24 +620,11 @@ def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> d
         signals = [s for s in signals if s.symbol not in stale]
     halted = bool(got["halted"]) or bool(got["loss_halted"]) or loss_limit_hit(
         rt, day, positions, marks, realized, unrealized_cents(qty, avg, held_marks))
-    inp = DecisionInput(
-        session_date=day, bar=bar, decision_time=decision_time,
-        close_time=meta.close_time, signals=signals, marks=marks,
-        positions=positions, open_order_symbols=frozenset(o.symbol for o in open_orders),
+    inp = dataclasses.replace(
+        inp, signals=signals, used_cents=int(got["used"] or 0), halted=halted,
         # only the signals' entries matter to the decision
         entered_today=frozenset(k for k in {f"{s.symbol}:{s.side}" for s in signals}
-                                if k in entered),
-        used_cents=int(got["used"] or 0), halted=halted, rule_exits=rule_exits,
-        exit_candidates=candidates,
-    )
-    # The first order goes out as soon as it is known: the first exit before the entries
-    # are sized. The bar's ledger takes all the orders afterwards (an order already done
-    # then counts as done).
-    exits = decide_exits(inp, params)
-    sent = 0
-    if exits:
-        _dispatch(dispatcher, exits[0])
-        sent = 1
+                                if k in entered))
     intents = exits + decide_entries(inp, params)
     if not intents:
         rt.replay.settle(day, bar)

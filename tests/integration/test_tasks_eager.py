@@ -101,17 +101,17 @@ def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
     want_pnl = sum(int((expect[s] - p.avg_float) * p.qty * 100)
                    for s, p in positions.items() if s in expect)
     seen: list[tuple] = []
-    inner, inner_loss = engine.decide_exits, engine.loss_limit_hit
+    inner, inner_loss = engine.iter_exits, engine.loss_limit_hit
 
     def spy(inp, params):
         seen.append(("decide", dict(inp.marks), inp.exit_candidates))
-        return []
+        return iter(())
 
     def spy_loss(rt, day, positions, marks, realized=None, unrealized=None):
         seen.append(("loss", unrealized))
         return inner_loss(rt, day, positions, marks, realized, unrealized)
 
-    engine.decide_exits, engine.loss_limit_hit = spy, spy_loss
+    engine.iter_exits, engine.loss_limit_hit = spy, spy_loss
     try:
         trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
                               "scored": {"signals": [], "exits": {}}}).get()
@@ -119,7 +119,7 @@ def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
         trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
                               "scored_key": eager.keys.k("scored:x")}).get()
     finally:
-        engine.decide_exits, engine.loss_limit_hit = inner, inner_loss
+        engine.iter_exits, engine.loss_limit_hit = inner, inner_loss
     assert [x for x in seen if x[0] == "loss"] == [("loss", want_pnl)] * 2
     for _, marks, candidates in (x for x in seen if x[0] == "decide"):
         # the marks of the positions that may exit (near their stop, stale, rule exits)
