@@ -87,18 +87,30 @@ class ScoredBar:
     mark_array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
-    """Symbols whose bar ``row`` ([S, 5]) cannot be traded on, with the reason."""
-    out: dict[str, str] = {}
+def _price_checks(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of a bar row ([S, 5]): which fields are NaN ([S, 5]) and which symbols have all four
+    prices but inconsistent ones ([S]: non-positive, infinite, or open/close outside
+    low..high)."""
     nan = np.isnan(row)
-    none = nan.all(axis=1)
-    some = nan.any(axis=1) & ~none
+    px = row[:, :4]
     with np.errstate(invalid="ignore"):
         bad_px = ~nan[:, :4].any(axis=1) & (
-            (row[:, :4] <= 0).any(axis=1) | ~np.isfinite(row[:, :4]).all(axis=1)
+            (px <= 0).any(axis=1) | ~np.isfinite(px).all(axis=1)
             | (row[:, HIGH] < row[:, LOW])
             | (row[:, CLOSE] > row[:, HIGH]) | (row[:, CLOSE] < row[:, LOW])
             | (row[:, OPEN] > row[:, HIGH]) | (row[:, OPEN] < row[:, LOW]))
+    return nan, bad_px
+
+
+def bar_problems(row: np.ndarray, symbols: tuple[str, ...],
+                 checks: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, str]:
+    """Symbols whose bar ``row`` ([S, 5]) cannot be traded on, with the reason
+    (``checks``: ``_price_checks(row)`` when already computed)."""
+    out: dict[str, str] = {}
+    nan, bad_px = checks if checks is not None else _price_checks(row)
+    none = nan.all(axis=1)
+    some = nan.any(axis=1) & ~none
+    with np.errstate(invalid="ignore"):
         zero_vol = ~nan[:, VOLUME] & (row[:, VOLUME] <= 0)
     for i in np.flatnonzero(none):
         out[symbols[i]] = "no bar (halted or missing data)"
@@ -111,19 +123,15 @@ def bar_problems(row: np.ndarray, symbols: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def mark_values(row: np.ndarray) -> np.ndarray:
+def mark_values(row: np.ndarray,
+                checks: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """This bar's marks ([S] US dollars) from its row ([S, 5]): each symbol's close where it
     is finite and positive and the bar's prices are consistent (``bar_problems``' test),
-    NaN elsewhere."""
+    NaN elsewhere (``checks``: ``_price_checks(row)`` when already computed)."""
     closes = row[:, CLOSE]
-    px = row[:, :4]
+    _, bad_px = checks if checks is not None else _price_checks(row)
     with np.errstate(invalid="ignore"):
-        inconsistent = ~np.isnan(px).any(axis=1) & (
-            (px <= 0).any(axis=1) | ~np.isfinite(px).all(axis=1)
-            | (row[:, HIGH] < row[:, LOW])
-            | (row[:, CLOSE] > row[:, HIGH]) | (row[:, CLOSE] < row[:, LOW])
-            | (row[:, OPEN] > row[:, HIGH]) | (row[:, OPEN] < row[:, LOW]))
-        usable = np.isfinite(closes) & (closes > 0) & ~inconsistent
+        usable = np.isfinite(closes) & (closes > 0) & ~bad_px
     return np.where(usable, closes, np.nan)
 
 
@@ -152,12 +160,13 @@ def bar_facts(window: np.ndarray, symbols: tuple[str, ...], params: ScoringParam
     """The ``BarFacts`` of the last bar of ``window`` ([t+1, S, 5])."""
     row = window[window.shape[0] - 1]
     row_np = row.get() if hasattr(row, "get") else np.asarray(row)
-    mark_array = mark_values(row_np)
+    checks = _price_checks(row_np)
+    mark_array = mark_values(row_np, checks)
     usable = (~np.isnan(mark_array)).tolist()
     marks = dict(zip(compress(symbols, usable), compress(mark_array.tolist(), usable),
                      strict=True))
     return BarFacts(masks=rule_masks(window, params, xp, sums),
-                    skipped=bar_problems(row_np, symbols), mark_array=mark_array,
+                    skipped=bar_problems(row_np, symbols, checks), mark_array=mark_array,
                     marks=marks)
 
 
