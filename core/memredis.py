@@ -371,13 +371,8 @@ def _advance(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
         return [b"waiting"]
     if not r.set(keys[1], argv[4], nx=True):
         return [b"duplicate"]
-    rb = int(argv[2])
-    off = int(nxt) * rb
-    row = r.getrange(keys[2], off, off + rb - 1)
-    if r.strlen(keys[3]) == off:
-        r.append(keys[3], row)
-    r.hset(keys[0], mapping={"bar": int(nxt), "status": "running", "dispatched_at": argv[3]})
-    return [b"advanced", row]
+    return [b"advanced", _publish_row(r, keys[0], keys[2], keys[3], int(nxt), int(argv[2]),
+                                      argv[3])]
 
 
 def _advance_next(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -392,13 +387,19 @@ def _advance_next(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
         return [b"miss"]
     if not r.set(argv[4] + str(nxt).encode(), "1", nx=True):
         return [b"duplicate", nxt]
-    rb = int(argv[1])
+    return [b"advanced", _publish_row(r, keys[0], keys[1], keys[2], nxt, int(argv[1]), argv[2]),
+            nxt]
+
+
+def _publish_row(r: MemoryRedis, state: bytes, source: bytes, bars: bytes, nxt: int, rb: int,
+                 at: bytes) -> bytes:
+    """``replay._PUBLISH_ROW_LUA`` (the push itself reaches nobody in memory)."""
     off = nxt * rb
-    row = r.getrange(keys[1], off, off + rb - 1)
-    if r.strlen(keys[2]) == off:
-        r.append(keys[2], row)
-    r.hset(keys[0], mapping={"bar": nxt, "status": "running", "dispatched_at": argv[2]})
-    return [b"advanced", row, nxt]
+    row = r.getrange(source, off, off + rb - 1)
+    if r.strlen(bars) == off:
+        r.append(bars, row)
+    r.hset(state, mapping={"bar": nxt, "status": "running", "dispatched_at": at})
+    return row
 
 
 def _roll(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -490,14 +491,20 @@ def _adjust(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
     e, a = int(existing), int(amount)
     if a > e:
         return -3
-    if a < e:
-        used = int(r.get(keys[0]) or b"0")
-        peak = int(r.get(keys[2]) or b"0")
-        if used > peak:
-            r.set(keys[2], used)
-        r.incrby(keys[0], -(e - a))
-        r.hset(keys[1], argv[0], a)
+    _shrink(r, keys, argv[0], e, a)
     return int(r.get(keys[0]) or b"0")
+
+
+def _shrink(r: MemoryRedis, keys: list[bytes], field: bytes, held: int, target: int) -> None:
+    """``risk_store._SHRINK_LUA``: lower one reservation, the used total and peak follow."""
+    if target >= held:
+        return
+    used = int(r.get(keys[0]) or b"0")
+    peak = int(r.get(keys[2]) or b"0")
+    if used > peak:
+        r.set(keys[2], used)
+    r.incrby(keys[0], -(held - target))
+    r.hset(keys[1], field, target)
 
 
 def _rebuild(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
@@ -520,14 +527,7 @@ def _settle_fills(r: MemoryRedis, keys: list[bytes], argv: list[bytes]) -> Any:
             out.append(-1)
             continue
         e = int(held)
-        target = min(int(argv[i + 1]), e) if argv[i + 2] == b"1" else 0
-        if target < e:
-            used = int(r.get(keys[0]) or b"0")
-            peak = int(r.get(keys[2]) or b"0")
-            if used > peak:
-                r.set(keys[2], used)
-            r.incrby(keys[0], -(e - target))
-            r.hset(keys[1], argv[i], target)
+        _shrink(r, keys, argv[i], e, min(int(argv[i + 1]), e) if argv[i + 2] == b"1" else 0)
         out.append(e)
     return out
 

@@ -25,7 +25,25 @@ _TTL_S = 4 * 24 * 3600
 
 AdvanceStatus = Literal["advanced", "waiting", "duplicate", "finished", "rolled", "stale", "empty"]
 
-_ADVANCE_LUA = """
+# Publish bar ``nxt``: copy its row (``rb`` bytes) from the replay's data to the bar store
+# (once: a store already holding it is left alone) and push it to the scoring listeners on
+# ``channel`` as "<prefix>:<bar>:<row>"; then mark the replay running at that bar. Returns
+# the row. Shared by _ADVANCE_LUA and _ADVANCE_NEXT_LUA.
+_PUBLISH_ROW_LUA = """
+local function publish_row(state, source, bars, nxt, rb, ttl, at, channel, prefix)
+  local off = nxt * rb
+  local row = redis.call('GETRANGE', source, off, off + rb - 1)
+  if redis.call('STRLEN', bars) == off then
+    redis.call('APPEND', bars, row)
+    redis.call('EXPIRE', bars, ttl)
+    redis.call('PUBLISH', channel, prefix .. ':' .. nxt .. ':' .. row)
+  end
+  redis.call('HSET', state, 'bar', nxt, 'status', 'running', 'dispatched_at', at)
+  return row
+end
+"""
+
+_ADVANCE_LUA = _PUBLISH_ROW_LUA + """
 local st = redis.call('HMGET', KEYS[1], 'day', 'bar', 'settled', 'status')
 if st[4] == 'finished' then return {'finished'} end
 if st[1] == false then return {'empty'} end
@@ -36,15 +54,8 @@ if tonumber(st[3]) ~= nxt - 1 then return {'waiting'} end
 if not redis.call('SET', KEYS[2], ARGV[5], 'NX', 'EX', tonumber(ARGV[6])) then
   return {'duplicate'}
 end
-local rb = tonumber(ARGV[3])
-local off = nxt * rb
-local row = redis.call('GETRANGE', KEYS[3], off, off + rb - 1)
-if redis.call('STRLEN', KEYS[4]) == off then
-  redis.call('APPEND', KEYS[4], row)
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[6]))
-  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ':' .. nxt .. ':' .. row)
-end
-redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', ARGV[4])
+local row = publish_row(KEYS[1], KEYS[3], KEYS[4], nxt, tonumber(ARGV[3]),
+                        tonumber(ARGV[6]), ARGV[4], ARGV[7], ARGV[8])
 return {'advanced', row}
 """
 
@@ -52,7 +63,7 @@ return {'advanced', row}
 # settled and still in the session the caller expects. Anything else ('miss': another day,
 # not settled, the day's last bar done, no run) is left to the full path (state, then
 # _ADVANCE). The guard key is the given prefix and the bar (a single Redis, no cluster).
-_ADVANCE_NEXT_LUA = """
+_ADVANCE_NEXT_LUA = _PUBLISH_ROW_LUA + """
 local st = redis.call('HMGET', KEYS[1], 'day', 'bar', 'settled', 'status')
 if st[4] == 'finished' or st[1] == false then return {'miss'} end
 if tonumber(st[1]) ~= tonumber(ARGV[1]) then return {'miss'} end
@@ -63,15 +74,8 @@ if nxt >= tonumber(ARGV[6]) then return {'miss'} end
 if not redis.call('SET', ARGV[5] .. nxt, '1', 'NX', 'EX', tonumber(ARGV[4])) then
   return {'duplicate', nxt}
 end
-local rb = tonumber(ARGV[2])
-local off = nxt * rb
-local row = redis.call('GETRANGE', KEYS[2], off, off + rb - 1)
-if redis.call('STRLEN', KEYS[3]) == off then
-  redis.call('APPEND', KEYS[3], row)
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
-  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ':' .. nxt .. ':' .. row)
-end
-redis.call('HSET', KEYS[1], 'bar', nxt, 'status', 'running', 'dispatched_at', ARGV[3])
+local row = publish_row(KEYS[1], KEYS[2], KEYS[3], nxt, tonumber(ARGV[2]),
+                        tonumber(ARGV[4]), ARGV[3], ARGV[7], ARGV[8])
 return {'advanced', row, nxt}
 """
 

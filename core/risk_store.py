@@ -95,8 +95,22 @@ end
 return {'reserved', a, new}
 """
 
+# Lower one reservation (KEYS[2] field ``id``) from ``held`` to ``target`` cents: the used
+# total (KEYS[1]) follows, and the day's peak (KEYS[3]) keeps the total it had before.
+# Shared by _ADJUST_LUA and _SETTLE_LUA (their KEYS are the same).
+_SHRINK_LUA = """
+local function shrink(id, held, target, ttl)
+  if target >= held then return end
+  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local peak = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if used > peak then redis.call('SET', KEYS[3], used, 'EX', ttl) end
+  redis.call('DECRBY', KEYS[1], held - target)
+  redis.call('HSET', KEYS[2], id, target)
+end
+"""
+
 # Shrink (or release with 0) a reservation; growing is refused. Returns the new used total.
-_ADJUST_LUA = """
+_ADJUST_LUA = _SHRINK_LUA + """
 local amount = ARGV[2]
 if not string.match(amount, '^[0-9]+$') or string.len(amount) > 15 then return -1 end
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
@@ -104,13 +118,7 @@ if not existing then return -2 end
 local e = tonumber(existing)
 local a = tonumber(amount)
 if a > e then return -3 end
-if a < e then
-  local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-  local peak = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if used > peak then redis.call('SET', KEYS[3], used, 'EX', tonumber(ARGV[3])) end
-  redis.call('DECRBY', KEYS[1], e - a)
-  redis.call('HSET', KEYS[2], ARGV[1], a)
-end
+shrink(ARGV[1], e, a, tonumber(ARGV[3]))
 return tonumber(redis.call('GET', KEYS[1]) or '0')
 """
 
@@ -118,7 +126,7 @@ return tonumber(redis.call('GET', KEYS[1]) or '0')
 # Make reservations follow their orders' fills: for each (id, filled cents, filled?) shrink
 # the reservation to min(filled, reserved), or release it when nothing filled (as _ADJUST).
 # Returns what each order had reserved (-1: never reserved), so the caller can report.
-_SETTLE_LUA = """
+_SETTLE_LUA = _SHRINK_LUA + """
 local out = {}
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV - 2, 3 do
@@ -129,13 +137,7 @@ for i = 2, #ARGV - 2, 3 do
     local e = tonumber(held)
     local target = 0
     if ARGV[i + 2] == '1' then target = math.min(tonumber(ARGV[i + 1]), e) end
-    if target < e then
-      local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-      local peak = tonumber(redis.call('GET', KEYS[3]) or '0')
-      if used > peak then redis.call('SET', KEYS[3], used, 'EX', ttl) end
-      redis.call('DECRBY', KEYS[1], e - target)
-      redis.call('HSET', KEYS[2], ARGV[i], target)
-    end
+    shrink(ARGV[i], e, target, ttl)
     table.insert(out, e)
   end
 end
