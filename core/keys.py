@@ -71,7 +71,7 @@ class Keys:
 
     def positions_channel(self) -> str:
         """Pub/sub channel of what the simulated broker's fills append to its positions log
-        (see ``core.brokers.simulated._PUSH_LOG_LUA``)."""
+        (see ``core.brokers.positions_book._PUSH_LOG_LUA``)."""
         return self.k("broker:positions_log:published")
 
     def fills_channel(self) -> str:

@@ -579,7 +579,7 @@ def _twins() -> dict[str, Twin]:
     global _TWINS
     if _TWINS is None:
         from core import locks, replay, risk_store
-        from core.brokers import simulated
+        from core.brokers import positions_book, simulated
         from core.market import bar_store
 
         _TWINS = {
@@ -591,7 +591,7 @@ def _twins() -> dict[str, Twin]:
             risk_store._RESERVE_LUA: _reserve, risk_store._ADJUST_LUA: _adjust,
             risk_store._REBUILD_LUA: _rebuild, risk_store._SETTLE_LUA: _settle_fills,
             simulated._SUBMIT_LUA: _submit, simulated._TAKE_WORKING_LUA: _take_working,
-            simulated._PUSH_LOG_LUA: _push_log,
+            positions_book._PUSH_LOG_LUA: _push_log,
             locks._RELEASE_LUA: _release, locks._RENEW_LUA: _renew,
         }
     return _TWINS

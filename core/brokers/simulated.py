@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from redis import Redis
 from core.brokers.base import FillEvent, Order, OrderRequest, Position
 from core.brokers.fill_model import FillModel
 from core.brokers.fill_model import dec as _dec
+from core.brokers.positions_book import PositionsBook
 from core.errors import BrokerUnavailable
 from core.keys import Keys
 from core.locks import TokenLock
@@ -62,7 +62,6 @@ _TICK = Decimal("0.0001")
 _TTL_S = 4 * 24 * 3600
 _LOCK_TTL_MS = 30_000  # the broker's lock expires if its holder dies
 _LOCK_WAIT_S = 10.0  # how long a writer waits for the lock before giving up (retried)
-_MAX_BOOK_CHANGES = 50_000  # changes kept for book_changes readers before they start over
 _WORKING = ("accepted", "partially_filled")
 
 # The working orders and the broker's lock in one step, for the fills of a bar: {0} (no
@@ -81,24 +80,6 @@ for i = 1, #ids, 500 do
   for j = 1, #part do raws[#raws + 1] = part[j] end
 end
 return {1, ids, raws}
-"""
-
-# Append to the positions log and tell the listeners what was appended: the epoch, the
-# index of the first new entry, then the entries ("SYMBOL\n<json>"), NUL-separated (JSON
-# escapes control characters, so no entry holds one). With no entry it only tells where
-# the log stands: the sync point that precedes every fills mark. Returns the log's length.
-# KEYS: positions_log, positions_epoch. ARGV: ttl, channel, entries...
-_PUSH_LOG_LUA = """
-local n = redis.call('LLEN', KEYS[1])
-local first = n
-for i = 3, #ARGV, 1000 do
-  n = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-if #ARGV > 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
-local msg = (redis.call('GET', KEYS[2]) or '0') .. '\\0' .. first
-if #ARGV > 2 then msg = msg .. '\\0' .. table.concat(ARGV, '\\0', 3) end
-redis.call('PUBLISH', ARGV[2], msg)
-return n
 """
 
 # Record a new order once; a known client_order_id returns the stored order.
@@ -144,20 +125,12 @@ class SimulatedBroker:
         self._model = model
         self._submit = redis.register_script(_SUBMIT_LUA)
         self._take_working = redis.register_script(_TAKE_WORKING_LUA)
-        self._push_log = redis.register_script(_PUSH_LOG_LUA)
         self._starting_cash = starting_cash_cents
         self._margin = margin_multiplier
         self._htb = hard_to_borrow
         self._stops = protective_stops
         # this process's copy of the positions, kept current from the positions log
-        self._book: dict[str, Position] = {}
-        self._book_epoch: bytes | None = None
-        self._book_n = 0  # log entries applied
-        self._book_lock = threading.RLock()  # reads and the listener's pushes (scoring)
-        self._book_pushed = False  # every push since the last gap continued this copy
-        # the symbols changed in the copy, in order, since it was (re)loaded (generation)
-        self._book_changes: list[str] = []
-        self._book_gen = 0
+        self._book = PositionsBook(redis, keys)
         self._exposure_cache: tuple[tuple[bytes | None, int], tuple[int, int]] | None = None
         # the last entry_check: (request, what the account looked like, its answer)
         self._checked: tuple[OrderRequest, tuple[object, ...], str | None] | None = None
@@ -207,7 +180,7 @@ class SimulatedBroker:
         """What an entry's check depends on besides the request: the session and bar (the
         quote), cash, the working orders (their value) and the positions (their version)."""
         return (account.meta.date if account.meta else None, account.bar, account.cash,
-                tuple(account.open_ids), self._book_epoch, self._book_n)
+                tuple(account.open_ids), *self._book.version)
 
     def close_position(self, symbol: str, client_order_id: str, reason: str) -> Order | None:
         """Submit a market order that closes the whole position at fill time (None if flat).
@@ -261,7 +234,7 @@ class SimulatedBroker:
         pipe.hmget(k.replay_state(), "day", "bar", "status")
         pipe.get(k.broker("cash"))
         pipe.smembers(k.broker("open_orders"))
-        start = self._queue_book(pipe)
+        start = self._book.queue_read(pipe)
 
         def read(replies: list[Any]) -> _Account:
             state, cash, open_ids, *book = replies
@@ -269,7 +242,7 @@ class SimulatedBroker:
             return _Account(meta, bar,
                             int(cash) if cash is not None else self._starting_cash,
                             sorted(x.decode() for x in open_ids),
-                            self._apply_book(*book, start))
+                            self._book.apply(*book, start))
 
         return read
 
@@ -381,7 +354,7 @@ class SimulatedBroker:
     def _exposure(self, positions: dict[str, Position]) -> tuple[int, int]:
         """(gross value, signed cost) of open positions at entry prices in cents, cached for
         the positions this process last read."""
-        version = (self._book_epoch, self._book_n)
+        version = self._book.version
         if self._exposure_cache is not None and self._exposure_cache[0] == version:
             return self._exposure_cache[1]
         gross = sum((p.avg * abs(p.qty) for p in positions.values()), Decimal(0))
@@ -421,10 +394,10 @@ class SimulatedBroker:
     def snapshot(self) -> tuple[dict[str, Position], list[Order]]:
         """Positions and open orders; only the positions that changed are read."""
         pipe = self._r.pipeline(transaction=True)
-        start = self._queue_book(pipe)
+        start = self._book.queue_read(pipe)
         pipe.smembers(self._k.broker("open_orders"))
         *book, open_ids = pipe.execute()
-        positions = self._apply_book(*book, start)
+        positions = self._book.apply(*book, start)
         ids = sorted(x.decode() for x in open_ids)
         orders = []
         if ids:
@@ -438,13 +411,13 @@ class SimulatedBroker:
         transaction the caller runs with its own reads). Returns how many replies they take
         and the function that turns those replies into (positions, open orders, realized
         cents); it makes one more round trip only when orders are working."""
-        start = self._queue_book(pipe)
+        start = self._book.queue_read(pipe)
         pipe.smembers(self._k.broker("open_orders"))
         pipe.get(self._k.broker(f"realized:{day.isoformat()}"))
 
         def finish(replies: list[Any]) -> tuple[dict[str, Position], list[Order], int]:
             epoch, entries, open_ids, realized = replies
-            positions = self._apply_book(epoch, entries, start)
+            positions = self._book.apply(epoch, entries, start)
             ids = sorted(x.decode() for x in open_ids)
             orders = []
             if ids:
@@ -458,141 +431,40 @@ class SimulatedBroker:
         """Open positions by symbol: one round trip, and only the positions that changed
         since this process last looked are read and parsed."""
         pipe = self._r.pipeline(transaction=True)
-        start = self._queue_book(pipe)
-        return self._apply_book(*pipe.execute(), start)
+        start = self._book.queue_read(pipe)
+        return self._book.apply(*pipe.execute(), start)
 
     def queue_positions(self, pipe: Any) -> tuple[int, Callable[[list[Any]], dict[str,
                                                                           Position]]]:
         """Queue ``positions_cached``'s reads on ``pipe`` (a transaction the caller runs);
         returns how many replies they take and the function that turns them into the
         positions."""
-        start = self._queue_book(pipe)
-        return 2, lambda replies: self._apply_book(*replies, start)
+        start = self._book.queue_read(pipe)
+        return 2, lambda replies: self._book.apply(*replies, start)
 
-    # The positions log: every change of the positions hash appends "SYMBOL\n<json>" (or
-    # "SYMBOL\n" when it closed) in the same transaction, so a reader that has applied the
-    # first n entries catches up with LRANGE n -1. The end of a session empties the log and
-    # bumps the epoch; a reader of another epoch (or a new one) reloads the hash.
-    # A process with a listener (the scoring worker) is also pushed what each fills
-    # transaction appends (``_PUSH_LOG_LUA``), so it knows the positions at the fills mark
-    # without asking. Reads and pushes both move the same cursor, under ``_book_lock``.
-    def _queue_book(self, pipe) -> int:
-        """Queue the reads of the log entries this copy lacks; returns where they start (pass
-        it to ``_apply_book``: a push may have moved the cursor meanwhile)."""
-        start = self._book_n
-        pipe.get(self._k.broker("positions_epoch"))
-        pipe.lrange(self._k.broker("positions_log"), start, -1)
-        return start
-
-    def _apply_book(self, epoch: bytes | None, entries: list[bytes],
-                    start: int) -> dict[str, Position]:
-        with self._book_lock:
-            if self._book_epoch is None or (epoch or b"0") != self._book_epoch:
-                return self._reload_book()
-            # entries a push already applied are skipped; a read older than the pushes
-            # (start + len <= cursor) brings nothing new
-            self._apply_entries(entries[max(0, self._book_n - start):])
-            return dict(self._book)
-
-    def _apply_entries(self, entries: list[bytes]) -> None:
-        book = self._book
-        changed = self._book_changes
-        for entry in entries:
-            sym, _, raw = entry.partition(b"\n")
-            name = sym.decode()
-            if raw:
-                book[name] = Position.from_json(raw)
-            else:
-                book.pop(name, None)
-            changed.append(name)
-        self._book_n += len(entries)
-        if len(changed) > _MAX_BOOK_CHANGES:  # readers of the changes start over once
-            self._book_gen += 1
-            changed.clear()
-
+    # The positions log (``core.brokers.positions_book``): this process's copy follows it,
+    # and the scoring process's listener is pushed what each fills transaction appends.
     def apply_pushed(self, data: bytes) -> bool:
-        """Take one push of the positions log (``<epoch>\\0<index of its first entry>
-        [\\0entry]...``): applied when it continues this copy exactly (True). A push that
-        leaves a gap (another writer appended without one, or this copy was never read)
-        makes ``pushed_positions`` answer None until a read catches up and a push
-        continues it again."""
-        epoch, _, rest = data.partition(b"\0")
-        first_s, _, body = rest.partition(b"\0")
-        entries = body.split(b"\0") if body else []
-        try:
-            first = int(first_s)
-        except ValueError:
-            log.warning("positions push not understood", extra={"head": data[:32]})
-            with self._book_lock:
-                self._book_pushed = False  # something may be missing: read instead
-            return False
-        with self._book_lock:
-            n = self._book_n
-            self._book_pushed = False  # until this push is in
-            if self._book_epoch is None or epoch != self._book_epoch or first > n:
-                return False  # a gap: only a read can tell what is missing
-            self._apply_entries(entries[n - first:])  # a read may have brought some
-            self._book_pushed = True
-            return True
-
-    def _queue_log_push(self, pipe: Any, entries: list[str]) -> None:
-        """Queue ``entries`` for the positions log with their push (``_PUSH_LOG_LUA``)."""
-        k = self._k
-        queue_script(pipe, self._push_log,
-                     [k.broker("positions_log"), k.broker("positions_epoch")],
-                     [_TTL_S, k.positions_channel(), *entries])
+        """Take one push of the positions log (``PositionsBook.apply_pushed``)."""
+        return self._book.apply_pushed(data)
 
     def pushed_positions(self) -> dict[str, Position] | None:
-        """The positions as of the last push, when every push so far continued this copy
-        (see ``apply_pushed``); None: read them (``positions_cached``)."""
-        with self._book_lock:
-            return dict(self._book) if self._book_pushed else None
+        """The positions as of the last push, when every push so far continued this copy;
+        None: read them (``positions_cached``)."""
+        return self._book.pushed()
 
     def book_changes(self, cursor: tuple[int, int] | None) -> tuple[tuple[int, int],
                                                                      list[str] | None]:
         """The symbols whose position changed in this process's copy since ``cursor``
-        (None: a reader that has seen nothing, or after this copy was reloaded; read them
-        all), and the cursor to pass next time."""
-        now = (self._book_gen, len(self._book_changes))
-        if cursor is None or cursor[0] != self._book_gen:
-            return now, None
-        return now, self._book_changes[cursor[1]:]
-
-    def _reload_book(self) -> dict[str, Position]:
-        """Read the whole positions hash (a new epoch, or the first read); under
-        ``_book_lock``."""
-        pipe = self._r.pipeline(transaction=True)
-        pipe.get(self._k.broker("positions_epoch"))
-        pipe.llen(self._k.broker("positions_log"))
-        pipe.hgetall(self._k.broker("positions"))
-        epoch, n, raw = pipe.execute()
-        self._book = {k.decode(): Position.from_json(v) for k, v in raw.items()}
-        self._book_gen += 1
-        self._book_changes = []
-        self._book_epoch = epoch or b"0"
-        self._book_n = int(n)
-        return dict(self._book)
-
-    def _log_position(self, pipe, symbol: str, position: Position | None) -> None:
-        """Queue one change of ``symbol``'s position (None: closed) on a transaction."""
-        k = self._k
-        raw = position.to_json() if position is not None else ""
-        if position is None:
-            pipe.hdel(k.broker("positions"), symbol)
-        else:
-            pipe.hset(k.broker("positions"), symbol, raw)
-        log_key = k.broker("positions_log")
-        pipe.rpush(log_key, f"{symbol}\n{raw}")
-        pipe.expire(log_key, _TTL_S)
+        (``PositionsBook.changes``), and the cursor to pass next time."""
+        return self._book.changes(cursor)
 
     def compact_positions_log(self) -> None:
         """Empty the positions log (readers reload the hash once): at the end of a session.
         Under the broker's lock, so a reader holding it sees one epoch."""
         with self._lock():
             pipe = self._r.pipeline(transaction=True)
-            pipe.delete(self._k.broker("positions_log"))
-            pipe.incr(self._k.broker("positions_epoch"))
-            pipe.expire(self._k.broker("positions_epoch"), _TTL_S)
+            self._book.queue_compact(pipe)
             pipe.execute()
 
     def get_positions(self) -> dict[str, Position]:
@@ -642,12 +514,12 @@ class SimulatedBroker:
                      [k.broker("open_orders"), k.broker("orders"), k.broker("lock"),
                       k.broker("positions")],
                      [lock.token, _LOCK_TTL_MS, 1 if self._stops else 0])
-        start = self._queue_book(pipe)
+        start = self._book.queue_read(pipe)
         got, *book = pipe.execute()
         if int(got[0]) == 0:
             if also is not None:  # nothing working: the caller's commands alone
                 pipe = self._r.pipeline(transaction=True)
-                self._queue_log_push(pipe, [])  # where the log stands at the mark
+                self._book.queue_push(pipe, [])  # where the log stands at the mark
                 finish = also(events, pipe)
                 finish(pipe.execute()[1:])
             return events  # the common case: nothing working, no lock
@@ -659,12 +531,12 @@ class SimulatedBroker:
             self._acquire(lock)
             pipe = self._r.pipeline(transaction=True)
             pipe.smembers(k.broker("open_orders"))
-            start = self._queue_book(pipe)
+            start = self._book.queue_read(pipe)
             open_ids, *book = pipe.execute()
             ids = sorted(x.decode() for x in open_ids)
             raws = self._r.hmget(k.broker("orders"), ids) if ids else []
         try:
-            positions = self._apply_book(*book, start)
+            positions = self._book.apply(*book, start)
             working = [o for o in (Order.from_json(r) for r in raws if r)
                        if o.status in _WORKING]
             writes = _Coalesced()
@@ -672,7 +544,7 @@ class SimulatedBroker:
             pipe = self._r.pipeline(transaction=True)
             log_entries = writes.take_list(k.broker("positions_log"))
             writes.queue_on(pipe)
-            self._queue_log_push(pipe, log_entries)  # and where the log stands at the mark
+            self._book.queue_push(pipe, log_entries)  # and where the log stands at the mark
             n = len(pipe)
             finish = also(events, pipe) if also is not None else None
             m = len(pipe)
@@ -764,7 +636,7 @@ class SimulatedBroker:
         pos = Position.from_json(raw)
         new = dc_replace(pos, **{"exit_attempt": pos.exit_attempt + 1})
         target = pipe if pipe is not None else self._r.pipeline(transaction=True)
-        self._log_position(target, symbol, new)
+        self._book.queue_change(target, symbol, new)
         if pipe is None:
             target.execute()
 
@@ -890,14 +762,14 @@ class SimulatedBroker:
                            entry_fees_cents=fees,
                            stop_price=order.stop_price if order.intent == "entry" else None)
             positions[order.symbol] = new
-            self._log_position(pipe, order.symbol, new)
+            self._book.queue_change(pipe, order.symbol, new)
         elif (pos.qty > 0) == (signed > 0):
             total = pos.qty + signed
             avg = ((pos.avg * abs(pos.qty) + price * qty) / abs(total)).quantize(_TICK)
             new = dc_replace(pos, **{"qty": total, "avg_price": str(avg),
                               "entry_fees_cents": pos.entry_fees_cents + fees})
             positions[order.symbol] = new
-            self._log_position(pipe, order.symbol, new)
+            self._book.queue_change(pipe, order.symbol, new)
         else:
             held = abs(pos.qty)
             closing = min(qty, held)
@@ -922,12 +794,12 @@ class SimulatedBroker:
             if remaining == 0 or (remaining > 0) != (pos.qty > 0):
                 flat = True
                 positions.pop(order.symbol, None)
-                self._log_position(pipe, order.symbol, None)
+                self._book.queue_change(pipe, order.symbol, None)
             else:
                 new = dc_replace(pos, **{"qty": remaining,
                                   "entry_fees_cents": pos.entry_fees_cents - entry_fees})
                 positions[order.symbol] = new
-                self._log_position(pipe, order.symbol, new)
+                self._book.queue_change(pipe, order.symbol, new)
         filled = order.filled_qty + qty
         value = Decimal(order.filled_notional or "0") + price * qty
         avg_px = price if not order.filled_qty else (value / filled).quantize(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core import locks, replay, risk_store
-from core.brokers import simulated
+from core.brokers import positions_book, simulated
 from core.keys import Keys
 from core.market import bar_store
 from core.market.bar_store import RedisBarStore
@@ -257,7 +257,7 @@ def test_positions_log_push_twin(redis_client: Any) -> None:
     the data left is the same (the push itself reaches nobody in memory)."""
     from core.scripts import queue_script
 
-    real, fake, mem = _script_pair(redis_client, simulated._PUSH_LOG_LUA)
+    real, fake, mem = _script_pair(redis_client, positions_book._PUSH_LOG_LUA)
     keys = ["log", "epoch"]
     many = [f"S{i}\n{{}}" for i in range(2500)]
     for entries in (["AAA\n{\"qty\":1}"], [], many, ["BBB\n"]):
