@@ -7,7 +7,7 @@ Usage::
 
 Starts a private Redis, prepares the same synthetic replay as ``bench/tick_latency.py`` and
 runs, per bar, the engine functions the tasks call: ``engine.tick`` (advance + fills),
-``engine.score``, ``engine.decide_bar`` and each ``execution.submit_order`` /
+``engine.score``, ``decide_step.decide_bar`` and each ``execution.submit_order`` /
 ``execution.close_position``, timing each with ``time.perf_counter``. A dispatcher records what
 would have been enqueued instead of sending it. Also times the JSON encoding of the messages
 (Celery's serializer) and counts Redis round trips per stage. ``--cprofile`` prints the top
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         for k in ("TRADING_SIM_DATA", "TRADING_SIM_SYMBOLS"):
             os.environ.pop(k, None)
-        from core import engine, execution
+        from core import decide_step, engine, execution
         from core.config import load_settings
         from core.runtime import build_runtime
         from core.sim import prepare_replay
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(blob)
             row["json scored"] = time.perf_counter() - t
             sizes["scored"].append(len(blob))
-            _, row["decide"], ncalls["decide"] = timed("decide", "exec", engine.decide_bar,
+            _, row["decide"], ncalls["decide"] = timed("decide", "exec", decide_step.decide_bar,
                                                        rt_exec, rec, scored)
             order_t, order_first, n_order_calls = 0.0, None, 0
             for kind, intent in rec.orders:

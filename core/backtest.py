@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from core import engine, execution
+from core import decide_step, engine, execution
 from core.brokers.base import Position
 from core.config import Settings
 from core.decision import in_eod_window
@@ -52,7 +52,7 @@ class InlineDispatcher:
                                    int(payload["bar"]))
             return
         result = engine.compute_scores(self._rt, payload, entries=plan == "full")
-        engine.decide_bar(self._rt, self, result)
+        decide_step.decide_bar(self._rt, self, result)
 
     def submit_order(self, intent: dict[str, Any]) -> None:
         execution.submit_order(self._rt, intent)
@@ -378,7 +378,7 @@ class BarPlanner:
                if why.startswith("inconsistent")}
         marks = {s: float(row[j, CLOSE]) for j, s in enumerate(held)
                  if s not in bad and np.isfinite(row[j, CLOSE]) and row[j, CLOSE] > 0}
-        engine.loss_limit_hit(self._rt, day, positions, marks)
+        decide_step.loss_limit_hit(self._rt, day, positions, marks)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from celery.utils.log import get_task_logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core import engine, execution
+from core import decide_step, engine, execution
 from core.errors import TransientError
 from tasks.app import app
 from tasks.runtime import get_runtime
@@ -95,7 +95,7 @@ def score(payload: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="tasks.decide", **_RETRY)
 def decide(scored: dict[str, Any]) -> dict[str, Any]:
     """Turn a scored bar into order tasks."""
-    return engine.decide_bar(get_runtime(), DISPATCHER, scored)
+    return decide_step.decide_bar(get_runtime(), DISPATCHER, scored)
 
 
 @app.task(name="tasks.submit_order", **_RETRY)

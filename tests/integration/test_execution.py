@@ -190,7 +190,7 @@ def entry_for_symbol_with_price(rt, index: int) -> dict:
 
 
 def test_daily_loss_limit_halts_entries_for_the_day(make_rt) -> None:
-    from core import engine
+    from core import decide_step
 
     rt = make_rt(daily_loss_limit="1")
     meta, _ = rt.replay.now()
@@ -209,7 +209,7 @@ def test_daily_loss_limit_halts_entries_for_the_day(make_rt) -> None:
 
     scored = {"date": meta.date.isoformat(), "bar": adv.bar, "signals": [],
               "marks": {pos.symbol: losing_mark}}
-    engine.decide_bar(rt, NoDispatch(), scored)
+    decide_step.decide_bar(rt, NoDispatch(), scored)
     assert rt.redis.exists(rt.keys.loss_halt(meta.date))
     refused = execution.submit_order(rt, entry(rt, 4))
     assert refused["reason"] == "daily_loss_limit"

@@ -51,7 +51,7 @@ def test_duplicate_tick_for_a_bar_does_nothing(eager) -> None:
 
 def test_score_hands_a_small_result_inline_and_a_large_one_by_key(eager, monkeypatch) -> None:
     from core import engine
-    from core.engine import scored_signals
+    from core.decide_step import scored_signals
 
     run_ticks(20)
     meta = eager.replay.days()[0]
@@ -85,7 +85,7 @@ def test_score_hands_a_small_result_inline_and_a_large_one_by_key(eager, monkeyp
 def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
     """The marks decide uses are this bar's usable closes (mark_values of the stored row),
     the same whether the scored result came inline or by key."""
-    from core import engine
+    from core import decide_step
     from core.scoring import mark_values
 
     run_ticks(60)
@@ -101,7 +101,7 @@ def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
     want_pnl = sum(int((expect[s] - p.avg_float) * p.qty * 100)
                    for s, p in positions.items() if s in expect)
     seen: list[tuple] = []
-    inner, inner_loss = engine.iter_exits, engine.loss_limit_hit
+    inner, inner_loss = decide_step.iter_exits, decide_step.loss_limit_hit
 
     def spy(inp, params):
         seen.append(("decide", dict(inp.marks), inp.exit_candidates))
@@ -111,7 +111,7 @@ def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
         seen.append(("loss", unrealized))
         return inner_loss(rt, day, positions, marks, realized, unrealized)
 
-    engine.iter_exits, engine.loss_limit_hit = spy, spy_loss
+    decide_step.iter_exits, decide_step.loss_limit_hit = spy, spy_loss
     try:
         trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
                               "scored": {"signals": [], "exits": {}}}).get()
@@ -119,7 +119,7 @@ def test_decide_reads_the_marks_of_the_bar_it_decides(eager) -> None:
         trading.decide.delay({"date": meta.date.isoformat(), "bar": bar,
                               "scored_key": eager.keys.k("scored:x")}).get()
     finally:
-        engine.iter_exits, engine.loss_limit_hit = inner, inner_loss
+        decide_step.iter_exits, decide_step.loss_limit_hit = inner, inner_loss
     assert [x for x in seen if x[0] == "loss"] == [("loss", want_pnl)] * 2
     for _, marks, candidates in (x for x in seen if x[0] == "decide"):
         # the marks of the positions that may exit (near their stop, stale, rule exits)

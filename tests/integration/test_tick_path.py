@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core import engine, execution
+from core import decide_step, engine, execution
 from core.brokers.base import OrderRequest
 from core.errors import FillsPending
 from core.runtime import build_runtime
@@ -418,7 +418,7 @@ def _round_trips_to_first_order(rt: Any, d: Recording, counter: Counter,
     d.close_position = lambda i: (at.append(counter.n - n0), inner_close(i))  # type: ignore
     d.submit_order = lambda i: (at.append(counter.n - n0), inner_submit(i))  # type: ignore
     try:
-        engine.decide_bar(rt, d, result)
+        decide_step.decide_bar(rt, d, result)
     finally:
         d.close_position, d.submit_order = inner_close, inner_submit  # type: ignore
     return at

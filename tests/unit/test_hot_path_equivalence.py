@@ -157,8 +157,8 @@ def test_exit_candidates_hold_every_position_that_exits(seed: int, eod: bool) ->
     """The decision looks only at the candidates: none of the positions that
     ``exit_reason`` (or a rule exit) would close may be missing, and the unrealized P/L of
     the arrays is the per-position one."""
+    from core.decide_step import unrealized_cents
     from core.decision import exit_candidates
-    from core.engine import unrealized_cents
 
     rng = np.random.default_rng(seed)
     n = 30
