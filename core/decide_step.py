@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -69,25 +68,6 @@ def scored_mark_array(scored: dict[str, Any], meta: Any) -> np.ndarray:
     if len(raw) != len(meta.symbols):
         raise ValueError(f"marks for {len(raw)} symbols, the session has {len(meta.symbols)}")
     return np.array([np.nan if v is None else float(v) for v in raw], dtype=float)
-
-
-def scored_marks(scored: dict[str, Any], meta: Any,
-                 wanted: Iterable[str] | None = None) -> dict[str, float]:
-    """Symbol -> this bar's close (US dollars) from a scored bar: an array or list in the
-    session's symbol order (NaN or None: no usable close) or a dict.
-    ``wanted``: only these symbols (the decision needs the held ones)."""
-    raw = scored.get("marks", {})
-    if isinstance(raw, dict):
-        return {k: float(v) for k, v in raw.items() if wanted is None or k in wanted}
-    if len(raw) != len(meta.symbols):
-        raise ValueError(f"marks for {len(raw)} symbols, the session has {len(meta.symbols)}")
-    values = raw.tolist() if isinstance(raw, np.ndarray) else list(raw)
-    if wanted is None:
-        pairs = zip(meta.symbols, values, strict=True)
-    else:
-        index = symbol_index(meta.symbols)
-        pairs = ((sym, values[index[sym]]) for sym in wanted if sym in index)
-    return {sym: float(v) for sym, v in pairs if v is not None and v == v}
 
 
 def decide_bar(rt: Runtime, dispatcher: Dispatcher, scored: dict[str, Any]) -> dict[str, Any]:

@@ -91,17 +91,11 @@ def submit_order(rt: Runtime, payload: dict[str, Any]) -> dict[str, Any]:
     return _final(rt, intent, lambda: _submit_entry(rt, intent))
 
 
-def entry_refusal(rt: Runtime, intent: OrderIntent) -> str | None:
-    """Why a new entry must not be sent now (kill switch, loss halt, breaker, caps), or None."""
-    pipe = rt.redis.pipeline(transaction=False)
-    finish = _queue_refusal(rt, intent, pipe)
-    return finish(pipe.execute())
-
-
 def _queue_refusal(rt: Runtime, intent: OrderIntent,
                    pipe: Any) -> Callable[[list[Any]], str | None]:
-    """Queue ``entry_refusal``'s reads on ``pipe``; returns the function that takes their
-    replies and answers."""
+    """Queue the reads that tell why a new entry must not be sent now (kill switch, loss
+    halt, not reconciled, caps, breaker) on ``pipe``; returns the function that takes their
+    replies and answers (None: it may be sent)."""
     day = intent.session_date
     pipe.exists(rt.keys.halt())
     pipe.exists(rt.keys.loss_halt(day))
