@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from core.brokers.base import Position
+from core.models import symbol_index
 
 
 def entry_offset(opened_at: str, open_time: dt.datetime, bar_seconds: int) -> int | None:
@@ -74,7 +75,7 @@ class HeldColumns:
         n = len(symbols)
         self._key = (symbols, *key)
         self.symbols = symbols
-        self._index = {s: i for i, s in enumerate(symbols)}
+        self._index = symbol_index(symbols)
         self.qty = np.zeros(n)
         self.avg = np.zeros(n)
         self.entry = np.full(n, -1, dtype=np.int64)
